@@ -1,0 +1,254 @@
+"""The YAML configuration: schema, defaults, and errors that name file, key and line.
+
+Nothing else in dovenotify reads YAML. Every key named here is a public contract:
+admins' files use them, so keys are added, never renamed or dropped.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+DEFAULT_PATH = Path("/etc/dovenotify/dovenotify.yaml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the admin who has to fix it."""
+
+
+@attrs.frozen
+class ApnsConfig:
+    certificate: Path | None = None
+    key: Path | None = None
+    password_file: Path | None = None
+    endpoint: str = "https://api.push.apple.com"
+    ca_file: Path | None = None
+    push_type: str = "background"
+    expiration: int = 86400
+    priority: int | None = None
+
+
+@attrs.frozen
+class Config:
+    path: Path
+    database: str = "/var/lib/dovenotify/registrations.sqlite"
+    event_socket: Path = Path("/run/dovenotify/events.sock")
+    relay_socket: Path = Path("/run/dovenotify/relay.sock")
+    apns: ApnsConfig = ApnsConfig()
+    log_level: str = "info"
+    # Where `dovenotify dovecot-config --install` puts the Lua script and the
+    # post-login helper: Dovecot's unprivileged users must be able to read them,
+    # which a virtualenv under /root is not.
+    dovecot_files: Path = Path("/usr/local/lib/dovenotify")
+    helper_python: Path = Path("/usr/bin/python3")
+    event_timeout: float = 0.2
+    relay_timeout: float = 0.5
+    # Users allowed to hand connections to the relay (they assert who logged in).
+    relay_peers: tuple[str, ...] = ("root", "dovecot")
+    user_lookup: str | None = None
+
+
+# --- schema -----------------------------------------------------------------
+
+Check = Callable[[Any], Any]
+
+
+def _string(what: str) -> Check:
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"expected {what}")
+        return value
+
+    return check
+
+
+def _path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected a file path")
+    return Path(value)
+
+
+def _optional(check: Check) -> Check:
+    def optional(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _number(minimum: float, maximum: float, integer: bool = False) -> Check:
+    kind = "a whole number" if integer else "a number"
+
+    def check(value: Any) -> float:
+        ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok_type or not minimum <= value <= maximum:
+            raise ValueError(f"expected {kind} from {minimum:g} to {maximum:g}")
+        return value
+
+    return check
+
+
+def _choice(*choices: object) -> Check:
+    def check(value: Any) -> Any:
+        if isinstance(value, bool) or value not in choices:
+            raise ValueError("expected one of " + ", ".join(map(str, choices)))
+        return value
+
+    return check
+
+
+def _endpoint(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("https://"):
+        raise ValueError("expected an https:// URL")
+    return value.rstrip("/")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("expected a list of user names")
+    return tuple(value)
+
+
+APNS_KEYS: dict[str, Check] = {
+    "certificate": _optional(_path),
+    "key": _optional(_path),
+    "password_file": _optional(_path),
+    "endpoint": _endpoint,
+    "ca_file": _optional(_path),
+    "push_type": _choice("background", "alert"),
+    "expiration": _number(0, 30 * 86400, integer=True),
+    "priority": _optional(_choice(1, 5, 10)),
+}
+
+TOP_KEYS: dict[str, Check] = {
+    "database": _string("a file path or a postgresql:// URL"),
+    "event_socket": _path,
+    "relay_socket": _path,
+    "log_level": _choice(*LOG_LEVELS),
+    "dovecot_files": _path,
+    "helper_python": _path,
+    "event_timeout": _number(0.01, 5),
+    "relay_timeout": _number(0.05, 10),
+    "relay_peers": _names,
+    "user_lookup": _optional(_string("a userdb field name")),
+}
+
+
+# --- loading ----------------------------------------------------------------
+
+
+def load(path: Path) -> Config:
+    """Read and check the configuration file; raise ConfigError naming what is wrong."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: the configuration file is not UTF-8 text") from e
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> Config:
+    try:
+        data = yaml.safe_load(text)
+        lines = _key_lines(yaml.compose(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{where}: this is not valid YAML: {problem}") from e
+    if data is None:
+        return Config(path=path)
+    top = _mapping(data, path, "the top level", lines.get(()))
+    values = _check_keys(top, TOP_KEYS, path, lines, prefix=(), nested={"apns"})
+    if "apns" in top:
+        apns = _mapping(top["apns"], path, "apns", lines.get(("apns",)))
+        values["apns"] = ApnsConfig(**_check_keys(apns, APNS_KEYS, path, lines, prefix=("apns",)))
+    return _resolve_relative_paths(Config(path=path, **values))
+
+
+def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
+    """Line number of every key, so a message can point at the line to fix."""
+    lines: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*prefix, str(key_node.value))
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_key_lines(value_node, key))
+    return lines
+
+
+def _mapping(value: Any, path: Path, what: str, line: int | None) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        where = f" line {line}" if line else ""
+        raise ConfigError(f"{path}{where}: {what}: expected a mapping of keys to values")
+    return {str(k): v for k, v in value.items()}
+
+
+def _check_keys(
+    given: Mapping[str, Any],
+    schema: Mapping[str, Check],
+    path: Path,
+    lines: Mapping[tuple[str, ...], int],
+    prefix: tuple[str, ...],
+    nested: frozenset[str] | set[str] = frozenset(),
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, value in given.items():
+        if name in nested:
+            continue
+        dotted = ".".join((*prefix, name))
+        where = f"{path} line {lines.get((*prefix, name), '?')}"
+        if name not in schema:
+            close = difflib.get_close_matches(name, [*schema, *nested], n=1)
+            hint = f" (did you mean '{'.'.join((*prefix, close[0]))}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{dotted}'{hint}")
+        try:
+            values[name] = schema[name](value)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {dotted}: {e}, got {_describe(value)}") from None
+    return values
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a yes/no value)"
+    if isinstance(value, str):
+        return f"'{value}'"
+    if isinstance(value, list | dict):
+        return "a list" if isinstance(value, list) else "a mapping"
+    return repr(value)
+
+
+def _resolve_relative_paths(config: Config) -> Config:
+    """Relative paths in the file are relative to the file, not to the working directory."""
+    base = config.path.parent
+
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    apns = attrs.evolve(
+        config.apns,
+        certificate=fix(config.apns.certificate),
+        key=fix(config.apns.key),
+        password_file=fix(config.apns.password_file),
+        ca_file=fix(config.apns.ca_file),
+    )
+    database = config.database
+    if "://" not in database and not Path(database).is_absolute():
+        database = str(base / database)
+    return attrs.evolve(
+        config,
+        apns=apns,
+        database=database,
+        event_socket=fix(config.event_socket),
+        relay_socket=fix(config.relay_socket),
+        dovecot_files=fix(config.dovecot_files),
+    )

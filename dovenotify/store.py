@@ -1,0 +1,199 @@
+"""Registrations: what each device asked to be pushed for, kept durably.
+
+A registration is keyed by (username, account id, device token): two iPhones
+restored from one backup share an account id but not a token, and both must get
+pushes. SQLite in WAL mode with synchronous=FULL, so a registration is on disk
+before the relay answers OK.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import attrs
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS registrations (
+    username TEXT NOT NULL,
+    account_id TEXT NOT NULL,
+    device_token TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    mailboxes TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    last_push_at REAL,
+    last_push_result TEXT,
+    PRIMARY KEY (username, account_id, device_token)
+);
+CREATE INDEX IF NOT EXISTS registrations_by_token ON registrations (device_token);
+"""
+COLUMNS = (
+    "username, account_id, device_token, topic, mailboxes, registered_at,"
+    " last_push_at, last_push_result"
+)
+
+
+class StoreError(Exception):
+    """The registration database cannot be used; the message says why."""
+
+
+@attrs.frozen
+class Registration:
+    username: str
+    account_id: str
+    device_token: str
+    topic: str
+    mailboxes: tuple[str, ...]
+    registered_at: float = attrs.field(factory=time.time)
+    last_push_at: float | None = None
+    last_push_result: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.username, self.account_id, self.device_token)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "username": self.username,
+            "account_id": self.account_id,
+            "device_token": self.device_token,
+            "topic": self.topic,
+            "mailboxes": list(self.mailboxes),
+            "registered_at": iso(self.registered_at),
+            "last_push_at": iso(self.last_push_at) if self.last_push_at else None,
+            "last_push_result": self.last_push_result,
+        }
+
+
+def iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
+
+
+class SQLiteStore:
+    """Thread-safe: the service calls it from worker threads, one call at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._migrate()
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"{path}: cannot open the registration database: {e}") from e
+        self._lock = threading.Lock()
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: the database was written by a newer dovenotify"
+                f" (schema {version}, this one knows {SCHEMA_VERSION})"
+            )
+        self._db.executescript(SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def register(self, reg: Registration) -> None:
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO registrations ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)"
+                " ON CONFLICT (username, account_id, device_token) DO UPDATE SET"
+                " topic = excluded.topic, mailboxes = excluded.mailboxes,"
+                " registered_at = excluded.registered_at",
+                (
+                    reg.username,
+                    reg.account_id,
+                    reg.device_token,
+                    reg.topic,
+                    json.dumps(list(reg.mailboxes)),
+                    reg.registered_at,
+                ),
+            )
+
+    def devices(self, username: str | None = None) -> list[Registration]:
+        query = f"SELECT {COLUMNS} FROM registrations"
+        args: tuple[str, ...] = ()
+        if username is not None:
+            query += " WHERE username = ?"
+            args = (username,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY username, registered_at", args).fetchall()
+        return [_registration(row) for row in rows]
+
+    def record_push(self, key: tuple[str, str, str], at: float, result: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE registrations SET last_push_at = ?, last_push_result = ?"
+                " WHERE username = ? AND account_id = ? AND device_token = ?",
+                (at, result, *key),
+            )
+
+    def remove(
+        self,
+        *,
+        username: str | None = None,
+        account_id: str | None = None,
+        device_token: str | None = None,
+        registered_before: float | None = None,
+    ) -> list[Registration]:
+        """Delete the registrations matching every given criterion; return them."""
+        where, args = _criteria(username, account_id, device_token, registered_before)
+        if not where:
+            raise ValueError("refusing to remove every registration at once")
+        with self._lock, self._db:
+            rows = self._db.execute(
+                f"SELECT {COLUMNS} FROM registrations WHERE {where}", args
+            ).fetchall()
+            self._db.execute(f"DELETE FROM registrations WHERE {where}", args)
+        return [_registration(row) for row in rows]
+
+
+def _criteria(
+    username: str | None,
+    account_id: str | None,
+    device_token: str | None,
+    registered_before: float | None,
+) -> tuple[str, Sequence[object]]:
+    parts: list[str] = []
+    args: list[object] = []
+    for column, value in (
+        ("username = ?", username),
+        ("account_id = ?", account_id),
+        ("device_token = ?", device_token.lower() if device_token else None),
+        ("registered_at < ?", registered_before),
+    ):
+        if value is not None:
+            parts.append(column)
+            args.append(value)
+    return " AND ".join(parts), args
+
+
+def _registration(row: Iterable[object]) -> Registration:
+    username, account_id, token, topic, mailboxes, registered, pushed, result = row
+    return Registration(
+        username=str(username),
+        account_id=str(account_id),
+        device_token=str(token),
+        topic=str(topic),
+        mailboxes=tuple(json.loads(str(mailboxes))),
+        registered_at=float(registered),  # type: ignore[arg-type]
+        last_push_at=float(pushed) if pushed is not None else None,  # type: ignore[arg-type]
+        last_push_result=str(result) if result is not None else None,
+    )
+
+
+def open_store(database: str) -> SQLiteStore:
+    if database.startswith(("postgresql://", "postgres://")):
+        raise StoreError("PostgreSQL is not supported yet; use a SQLite file path")
+    return SQLiteStore(Path(database))

@@ -1,0 +1,164 @@
+"""The relay's stream scanners: exact forwarding, interception, literals, any chunking."""
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dovenotify.imapscan import (
+    COMMAND_LIMIT,
+    ClientScanner,
+    Forward,
+    Intercepted,
+    ServerScanner,
+)
+
+INTERCEPT = frozenset({"XAPPLEPUSHSERVICE", "COMPRESS"})
+
+
+def run_client(data: bytes, cuts: list[int]) -> tuple[bytes, list[Intercepted]]:
+    scanner = ClientScanner(INTERCEPT)
+    forwarded = bytearray()
+    intercepted: list[Intercepted] = []
+    start = 0
+    for cut in [*sorted(cuts), len(data)]:
+        for action in scanner.feed(data[start:cut]):
+            if isinstance(action, Forward):
+                forwarded += action.data
+            else:
+                intercepted.append(action)
+        start = max(start, cut)
+    return bytes(forwarded), intercepted
+
+
+def test_plain_commands_pass_byte_for_byte():
+    data = b"a1 NOOP\r\na2 SELECT INBOX\r\na3 IDLE\r\nDONE\r\n"
+    assert run_client(data, []) == (data, [])
+
+
+def test_xapplepushservice_is_taken_out_of_the_stream():
+    data = b'a1 NOOP\r\nA2 XAPPLEPUSHSERVICE "aps-version" "2"\r\na3 NOOP\r\n'
+    forwarded, intercepted = run_client(data, [])
+    assert forwarded == b"a1 NOOP\r\na3 NOOP\r\n"
+    assert intercepted == [
+        Intercepted(b"A2", "XAPPLEPUSHSERVICE", b'A2 XAPPLEPUSHSERVICE "aps-version" "2"')
+    ]
+
+
+def test_command_name_is_case_insensitive_and_compress_is_caught():
+    _, intercepted = run_client(b"x xapplepushservice\r\ny compress DEFLATE\r\n", [])
+    assert [(i.tag, i.command) for i in intercepted] == [
+        (b"x", "XAPPLEPUSHSERVICE"),
+        (b"y", "COMPRESS"),
+    ]
+
+
+def test_literal_content_is_never_parsed_as_a_command():
+    body = b"Z1 XAPPLEPUSHSERVICE\r\nZ2 COMPRESS DEFLATE\r\n"
+    for marker in (b"{%d}" % len(body), b"{%d+}" % len(body), b"~{%d}" % len(body)):
+        data = b"a APPEND INBOX " + marker + b"\r\n" + body + b"\r\nb NOOP\r\n"
+        assert run_client(data, [1, 17, 30]) == (data, [])
+
+
+def test_line_with_two_literals():
+    data = b"a LOGIN {3}\r\nbob {5+}\r\nsecre\r\nb XAPPLEPUSHSERVICE x\r\n"
+    forwarded, intercepted = run_client(data, [5])
+    assert forwarded == data[: data.index(b"b XAPPLE")]
+    assert [i.tag for i in intercepted] == [b"b"]
+
+
+def test_huge_intercepted_line_is_reported_and_stream_goes_on():
+    data = b"t1 XAPPLEPUSHSERVICE " + b"x" * (10 * 1024 * 1024) + b"\r\nt2 NOOP\r\n"
+    forwarded, intercepted = run_client(data, list(range(0, len(data), 65536)))
+    assert forwarded == b"t2 NOOP\r\n"
+    assert len(intercepted) == 1
+    assert intercepted[0].problem == "the command line is too long"
+    assert len(intercepted[0].line) <= COMMAND_LIMIT + 64
+
+
+def test_literal_inside_intercepted_command():
+    sync = b"t XAPPLEPUSHSERVICE {3}\r\n"
+    _, (cmd,) = run_client(sync, [])
+    assert cmd.problem == "literals are not supported in this command"
+    nonsync = b"t XAPPLEPUSHSERVICE {3+}\r\nabc more\r\nu NOOP\r\n"
+    forwarded, (cmd,) = run_client(nonsync, [])
+    assert cmd.problem and forwarded == b"u NOOP\r\n"
+
+
+chunks = st.lists(st.integers(min_value=0, max_value=400), max_size=20)
+imap_pieces = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                b"a NOOP\r\n",
+                b"b XAPPLEPUSHSERVICE aps-version 2\r\n",
+                b"c APPEND INBOX {4}\r\n",
+                b"d APPEND INBOX {6+}\r\n",
+                b"e FETCH 1 BODY[] ~{3}\r\n",
+                b"DONE\r\n",
+                b"\r\n",
+                b"{",
+                b"}",
+                b"\n",
+            ]
+        ),
+        st.binary(max_size=40),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=imap_pieces, cuts=chunks)
+def test_any_chunking_gives_the_same_result_and_never_raises(pieces, cuts):
+    data = b"".join(pieces)
+    whole = run_client(data, [])
+    assert run_client(data, cuts) == whole
+    forwarded, intercepted = whole
+    # Nothing is invented: what comes out is at most what went in.
+    assert len(forwarded) + sum(len(i.line) for i in intercepted) <= len(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=600), cuts=chunks)
+def test_without_interceptions_everything_is_forwarded(data, cuts):
+    # A command line always ends in a newline before a client waits for an answer;
+    # only the bytes of an unfinished line may be held back.
+    data = data.upper().replace(b"XAPPLE", b"XAPPL_").replace(b"COMPRESS", b"COMPRES_")
+    forwarded, intercepted = run_client(data, cuts)
+    assert intercepted == []
+    assert data.startswith(forwarded)
+    assert b"\n" not in data[len(forwarded) :]
+    assert run_client(data + b"\r\n", cuts) == (data + b"\r\n", [])
+
+
+def run_server(scanner: ServerScanner, data: bytes, cuts: list[int]) -> bytes:
+    out = bytearray()
+    start = 0
+    for cut in [*sorted(cuts), len(data)]:
+        for chunk in scanner.feed(data[start:cut]):
+            out += chunk
+        start = max(start, cut)
+    return bytes(out)
+
+
+def test_server_reply_to_placeholder_is_swapped():
+    scanner = ServerScanner()
+    scanner.replace(b"dovenotify.1", b"A2 OK XAPPLEPUSHSERVICE completed.\r\n")
+    data = b"a1 OK NOOP done\r\n* 3 EXISTS\r\ndovenotify.1 OK NOOP completed.\r\na3 OK\r\n"
+    assert run_server(scanner, data, [3, 20, 40]) == (
+        b"a1 OK NOOP done\r\n* 3 EXISTS\r\nA2 OK XAPPLEPUSHSERVICE completed.\r\na3 OK\r\n"
+    )
+    assert scanner.pending == 0
+
+
+def test_server_literal_that_looks_like_the_reply_is_not_swapped():
+    scanner = ServerScanner()
+    scanner.replace(b"dovenotify.1", b"X\r\n")
+    body = b"dovenotify.1 OK fake\r\n"
+    data = b"* 1 FETCH (BODY[] {%d}\r\n" % len(body) + body + b")\r\ndovenotify.1 OK\r\n"
+    assert run_server(scanner, data, [5, 30]) == data.replace(b"dovenotify.1 OK\r\n", b"X\r\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=600), cuts=chunks)
+def test_server_stream_without_placeholders_is_untouched(data, cuts):
+    assert run_server(ServerScanner(), data, cuts) == data

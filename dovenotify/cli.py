@@ -1,0 +1,163 @@
+"""The `dovenotify` command: argument parsing and output only; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import config as configuration
+from . import dovecot_config
+from .store import StoreError, iso, open_store
+
+DOVECOT_FILES = ("dovenotify.lua", "postlogin.py")
+
+
+class UsageError(Exception):
+    """A problem the user can fix; printed without a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (configuration.ConfigError, StoreError, UsageError, ValueError) as e:
+        print(f"dovenotify: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dovenotify", description="iOS Mail push (XAPPLEPUSHSERVICE) for Dovecot."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, run) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=configuration.DEFAULT_PATH,
+            help=f"configuration file (default {configuration.DEFAULT_PATH})",
+        )
+        sub.set_defaults(run=run)
+        return sub
+
+    command("serve", "Run the service (under supervisord or systemd).", _serve)
+
+    devices = command("devices", "List registered devices.", _devices)
+    devices.add_argument("--user", help="only this user's devices")
+    devices.add_argument("--json", action="store_true", help="print a JSON array")
+
+    conf = command(
+        "dovecot-config", "Print the Dovecot configuration that enables dovenotify.", _dovecot
+    )
+    conf.add_argument(
+        "--dovecot-version",
+        choices=("2.3", "2.4"),
+        help="syntax to print (default: ask the installed `dovecot --version`)",
+    )
+    conf.add_argument(
+        "--install",
+        action="store_true",
+        help="also copy the Lua script and the post-login helper to dovecot_files",
+    )
+    return parser
+
+
+def _load(args: argparse.Namespace) -> configuration.Config:
+    return configuration.load(args.config)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from . import certificates, service
+
+    config = _load(args)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(service.serve, config)
+    except certificates.CertificateError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    store = open_store(_load(args).database)
+    try:
+        devices = store.devices(args.user)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([d.as_json() for d in devices], indent=2))
+        return 0
+    if not devices:
+        print("No devices registered" + (f" for {args.user}." if args.user else "."))
+        return 0
+    rows = [("USER", "ACCOUNT", "DEVICE", "MAILBOXES", "REGISTERED", "LAST PUSH")]
+    for d in devices:
+        last = f"{iso(d.last_push_at)} {d.last_push_result}" if d.last_push_at else "never"
+        rows.append(
+            (
+                d.username,
+                d.account_id,
+                d.device_token[:12] + "…",
+                ", ".join(d.mailboxes),
+                iso(d.registered_at),
+                last,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
+def _dovecot(args: argparse.Namespace) -> int:
+    config = _load(args)
+    version = args.dovecot_version or dovecot_config.installed_dovecot_version()
+    files = config.dovecot_files
+    if args.install:
+        install_dovecot_files(files)
+        print(f"dovenotify: installed {', '.join(DOVECOT_FILES)} in {files}", file=sys.stderr)
+    print(
+        dovecot_config.render(
+            version,
+            lua_script=files / "dovenotify.lua",
+            event_socket=config.event_socket,
+            event_timeout=config.event_timeout,
+            helper_command=[str(config.helper_python), "-I", str(files / "postlogin.py")],
+            relay_socket=config.relay_socket,
+            relay_timeout=config.relay_timeout,
+            user_field=config.user_lookup,
+        ),
+        end="",
+    )
+    return 0
+
+
+def install_dovecot_files(directory: Path) -> None:
+    """Copy the Lua script and helper where Dovecot's unprivileged users can read them."""
+    source = Path(__file__).parent / "dovecot"
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    for name in DOVECOT_FILES:
+        target = directory / name
+        shutil.copyfile(source / name, target)
+        target.chmod(0o644)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

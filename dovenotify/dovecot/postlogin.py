@@ -1,0 +1,87 @@
+"""dovenotify post-login helper: hands the IMAP connection to the dovenotify relay.
+
+Dovecot runs this after a user has logged in (facts.md §3), with the client
+connection on fds 0 and 1 and the rest of the login chain in argv. It runs as
+Dovecot's internal user under the system Python, so it uses the standard library
+only. Whatever goes wrong, it ends by exec'ing the chain: at worst the user gets
+plain IMAP without push registration, never a failed login.
+
+Usage (appended by script-login): postlogin.py --socket PATH --timeout SECONDS
+    [--user-field NAME] CHAIN...
+"""
+
+import array
+import json
+import os
+import socket
+import sys
+import time
+
+PROTOCOL = 1
+
+
+def parse_args(args):
+    options = {"socket": "/run/dovenotify/relay.sock", "timeout": "0.5", "user-field": ""}
+    while args and args[0].startswith("--") and len(args) >= 2:
+        options[args[0][2:]] = args[1]
+        args = args[2:]
+    return options, args
+
+
+def hand_over(path, timeout, user_field):
+    """Give the client connection to the relay; return our end of the new pipe."""
+    deadline = time.monotonic() + timeout
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        control.settimeout(timeout)
+        control.connect(path)
+        hello = {
+            "v": PROTOCOL,
+            "user": os.environ.get("USER", ""),
+            "ip": os.environ.get("IP", ""),
+        }
+        if user_field:
+            hello["lookup"] = os.environ.get(user_field.upper(), "")
+        fds = array.array("i", [0, theirs.fileno()])
+        control.sendmsg(
+            [json.dumps(hello).encode() + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)]
+        )
+        control.settimeout(max(deadline - time.monotonic(), 0.001))
+        answer = control.recv(64)
+        if answer != b"OK\n":
+            raise OSError(f"the relay answered {answer[:40]!r}")
+        # Only now do we commit: a relay that answered late sees no GO and lets go.
+        control.sendall(b"GO\n")
+        return ours
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+        control.close()
+
+
+def main(argv):
+    options, chain = parse_args(argv[1:])
+    if not chain:
+        sys.stderr.write("dovenotify-postlogin: no login chain to continue with\n")
+        return 1
+    try:
+        ours = hand_over(options["socket"], float(options["timeout"]), options["user-field"])
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or "timed out"
+        sys.stderr.write(
+            f"dovenotify-postlogin: relay {options['socket']} unavailable ({reason});"
+            " this session goes on without push registration\n"
+        )
+    else:
+        os.dup2(ours.fileno(), 0)
+        os.dup2(ours.fileno(), 1)
+        ours.close()
+    os.execv(chain[0], chain)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

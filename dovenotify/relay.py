@@ -1,0 +1,232 @@
+"""The relay: takes IMAP connections from the post-login helper and sits in the middle.
+
+Per connection, bytes flow client→Dovecot through `imapscan.ClientScanner` and
+Dovecot→client through `imapscan.ServerScanner`. XAPPLEPUSHSERVICE is answered
+here: the relay stores the registration, sends Dovecot a NOOP under a tag of its
+own, and swaps Dovecot's tagged reply to that NOOP for the XAPPLEPUSHSERVICE
+answer, so pipelined replies keep their order.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import itertools
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from . import imapscan, xaps
+from .store import Registration
+
+log = logging.getLogger("dovenotify.relay")
+
+BUFFER = 256 * 1024
+HANDSHAKE_LIMIT = 4096
+_placeholder_tags = itertools.count(1)
+
+
+@attrs.frozen
+class Handoff:
+    """Who logged in, as the post-login helper tells it."""
+
+    username: str
+    ip: str
+
+
+Register = Callable[[Registration], Awaitable[None]]
+
+
+@attrs.define
+class Relay:
+    topic: Callable[[], str]
+    register: Register
+    allowed_uids: frozenset[int]
+    handshake_timeout: float = 2.0
+    connections: int = 0
+
+    async def serve(self, listener: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED):
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self._handle, stream, nursery)
+
+    async def _handle(self, control: trio.SocketStream, nursery: trio.Nursery) -> None:
+        sock = control.socket
+        handoff, fds, go = None, [], b""
+        try:
+            uid = _peer_uid(sock)
+            if uid not in self.allowed_uids:
+                log.warning(
+                    "refused a relay handoff from uid %s: only %s may hand over connections",
+                    uid,
+                    ", ".join(_user_name(u) for u in sorted(self.allowed_uids)),
+                )
+                return
+            with trio.move_on_after(self.handshake_timeout):
+                handoff, fds = await _receive_handoff(sock)
+                if handoff is not None:
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await control.send_all(b"OK\n")
+                        go = await control.receive_some(16)
+            if handoff is None or go != b"GO\n":
+                # The helper gave up waiting and went on without us: the
+                # connection is Dovecot's alone, so let go of it.
+                for fd in fds:
+                    os.close(fd)
+                return
+        finally:
+            await control.aclose()
+        client_fd, server_fd = fds
+        nursery.start_soon(self._relay, handoff, client_fd, server_fd)
+
+    async def _relay(self, handoff: Handoff, client_fd: int, server_fd: int) -> None:
+        client = trio.socket.from_stdlib_socket(socket.socket(fileno=client_fd))
+        server = trio.socket.from_stdlib_socket(socket.socket(fileno=server_fd))
+        self.connections += 1
+        scanner = imapscan.ServerScanner()
+        try:
+            with client, server:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._to_server, handoff, client, server, scanner, nursery)
+                    nursery.start_soon(self._to_client, server, client, scanner, nursery)
+        finally:
+            self.connections -= 1
+
+    async def _to_client(
+        self,
+        server: trio.socket.SocketType,
+        client: trio.socket.SocketType,
+        scanner: imapscan.ServerScanner,
+        nursery: trio.Nursery,
+    ) -> None:
+        try:
+            while data := await server.recv(BUFFER):
+                for chunk in scanner.feed(data):
+                    await _send_all(client, chunk)
+        except OSError:
+            pass
+        # Dovecot hung up (LOGOUT, shutdown) or the client went away: either way
+        # the session is over.
+        nursery.cancel_scope.cancel()
+
+    async def _to_server(
+        self,
+        handoff: Handoff,
+        client: trio.socket.SocketType,
+        server: trio.socket.SocketType,
+        replies: imapscan.ServerScanner,
+        nursery: trio.Nursery,
+    ) -> None:
+        commands = imapscan.ClientScanner()
+        try:
+            while data := await client.recv(BUFFER):
+                for action in commands.feed(data):
+                    if isinstance(action, imapscan.Forward):
+                        await _send_all(server, action.data)
+                    else:
+                        answer = await self._answer(handoff, action)
+                        tag = b"dovenotify.%d" % next(_placeholder_tags)
+                        replies.replace(tag, answer)
+                        await _send_all(server, tag + b" NOOP\r\n")
+            # The client is gone: tell Dovecot, and let it close its side.
+            server.shutdown(socket.SHUT_WR)
+        except OSError:
+            nursery.cancel_scope.cancel()
+
+    async def _answer(self, handoff: Handoff, command: imapscan.Intercepted) -> bytes:
+        if command.problem:
+            return xaps.bad(command.tag, command.problem)
+        try:
+            request = xaps.parse(command.line)
+        except xaps.XapsError as e:
+            return xaps.bad(command.tag, str(e))
+        topic = self.topic()
+        registration = Registration(
+            username=handoff.username,
+            account_id=request.account_id,
+            device_token=request.device_token,
+            topic=topic,
+            mailboxes=request.mailboxes,
+        )
+        try:
+            await self.register(registration)
+        except Exception as e:
+            log.error("could not store the registration of %s: %s", handoff.username, e)
+            return xaps.no(command.tag, "the registration could not be stored, try again later")
+        log.info(
+            "registered %s account %s device %s for %s",
+            handoff.username,
+            request.account_id,
+            short_token(request.device_token),
+            ", ".join(request.mailboxes),
+        )
+        return xaps.answer(command.tag, topic, request.mailboxes)
+
+
+def short_token(token: str) -> str:
+    return token[:8] + "…" if len(token) > 8 else token
+
+
+async def _send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        sent = await sock.send(view)
+        view = view[sent:]
+
+
+async def _receive_handoff(sock: trio.socket.SocketType) -> tuple[Handoff | None, list[int]]:
+    fd_size = array.array("i").itemsize
+    data, ancillary, _flags, _addr = await sock.recvmsg(
+        HANDSHAKE_LIMIT, socket.CMSG_SPACE(2 * fd_size)
+    )
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            received = array.array("i")
+            received.frombytes(payload[: len(payload) - len(payload) % fd_size])
+            fds.extend(received)
+    try:
+        hello = json.loads(data.decode("utf-8"))
+        username = hello.get("lookup") or hello["user"]
+        if len(fds) != 2 or not isinstance(username, str) or not username:
+            raise ValueError("expected a user name and two file descriptors")
+        return Handoff(username=username, ip=str(hello.get("ip", ""))), fds
+    except (ValueError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        log.warning("ignored a malformed relay handoff: %s", e)
+        for fd in fds:
+            os.close(fd)
+        return None, []
+
+
+def _peer_uid(sock: trio.socket.SocketType) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def allowed_uids(names: tuple[str, ...]) -> frozenset[int]:
+    """Resolve user names to uids; names that do not exist on this host are skipped."""
+    uids = set()
+    for name in names:
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            if name.isdigit():
+                uids.add(int(name))
+    return frozenset(uids)

@@ -1,0 +1,249 @@
+"""`dovenotify serve`: wires listeners, dispatcher, outbox and sender in one nursery.
+
+Signals: SIGTERM/SIGINT stop accepting, push whatever is pending (delayed pushes
+included) for up to `drain_timeout` seconds, then exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import attrs
+import trio
+
+from . import apns, certificates, relay
+from .apns_sender import ApnsSender
+from .config import Config
+from .dispatch import Dispatcher
+from .events import BadLine, Event, EventDecoder
+from .outbox import Outbox
+from .store import Registration, SQLiteStore, open_store
+
+log = logging.getLogger("dovenotify")
+
+EVENT_CONNECTION_TIMEOUT = 10.0
+SEND_CONCURRENCY = 64
+DRAIN_TIMEOUT = 10.0
+
+
+@attrs.define
+class Service:
+    config: Config
+    store: SQLiteStore
+    sender: ApnsSender
+    topic: str
+    dispatcher: Dispatcher = attrs.field(factory=Dispatcher)
+    outbox: Outbox = attrs.field(factory=Outbox)
+    _wakeup: trio.Event = attrs.field(factory=trio.Event)
+    _progress: trio.Event = attrs.field(factory=trio.Event)
+
+    # --- events ----------------------------------------------------------
+
+    async def serve_events(self, listener: trio.SocketListener) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self._read_events, stream)
+
+    async def _read_events(self, stream: trio.SocketStream) -> None:
+        decoder = EventDecoder()
+        items: list[Event | BadLine] = []
+        async with stream:
+            with trio.move_on_after(EVENT_CONNECTION_TIMEOUT):
+                while data := await _receive(stream):
+                    items += decoder.feed(data)
+        items += decoder.close()
+        for item in items:
+            if isinstance(item, BadLine):
+                log.warning("skipped an event line: %s: %r", item.reason, item.excerpt)
+            else:
+                await self.handle_event(item)
+
+    async def handle_event(self, event: Event) -> None:
+        devices = await trio.to_thread.run_sync(self.store.devices, event.username)
+        if not devices:
+            return
+        for device in self.dispatcher.event(event, devices, trio.current_time()):
+            log.debug("push %s now: %s in %s", _who(device), event.name, event.mailbox)
+            self.outbox.submit(device)
+        self._wakeup.set()
+
+    # --- registrations ---------------------------------------------------
+
+    async def register(self, registration: Registration) -> None:
+        await trio.to_thread.run_sync(self.store.register, registration)
+
+    # --- sending ---------------------------------------------------------
+
+    async def run_sender(self) -> None:
+        """Move due pushes to the outbox and send what is ready, within a bound."""
+        limit = trio.CapacityLimiter(SEND_CONCURRENCY)
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                for device in self.dispatcher.due(now):
+                    self.outbox.submit(device)
+                while limit.available_tokens and (device := self.outbox.take(now)):
+                    await limit.acquire_on_behalf_of(device)
+                    nursery.start_soon(self._send, device, limit)
+                deadline = min(
+                    (t for t in (self.dispatcher.next_due(), self.outbox.next_retry()) if t),
+                    default=None,
+                )
+                self._wakeup = trio.Event()
+                with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                    await self._wakeup.wait()
+
+    async def _send(self, device: Registration, limit: trio.CapacityLimiter) -> None:
+        try:
+            push = apns.Push(
+                device_token=device.device_token,
+                topic=device.topic,
+                account_id=device.account_id,
+                push_type=self.config.apns.push_type,
+                expiration_seconds=self.config.apns.expiration,
+                priority=self.config.apns.priority,
+            )
+            outcome = await self.sender.send(push)
+            await self._record(device, outcome)
+        finally:
+            limit.release_on_behalf_of(device)
+            self._wakeup.set()
+            self._progress.set()
+
+    async def _record(self, device: Registration, outcome: apns.Outcome) -> None:
+        result = describe(outcome)
+        if outcome.action is apns.Action.RETRY:
+            if self.outbox.failed(device, trio.current_time()):
+                log.info("push to %s will be retried: %s", _who(device), result)
+            else:
+                log.warning("gave up pushing to %s: %s", _who(device), result)
+            return
+        self.outbox.delivered(device)
+        log.debug("pushed %s: %s", _who(device), result)
+        await trio.to_thread.run_sync(self.store.record_push, device.key, time.time(), result)
+        if outcome.action is apns.Action.DROP_TOKEN:
+            # A 410 carries when APNs learnt the token was dead: a registration
+            # made after that is a fresh one and stays.
+            before = outcome.timestamp_ms / 1000 if outcome.timestamp_ms else None
+            removed = await trio.to_thread.run_sync(
+                lambda: self.store.remove(
+                    username=device.username,
+                    account_id=device.account_id,
+                    device_token=device.device_token,
+                    registered_before=before,
+                )
+            )
+            if removed:
+                log.info("removed %s: APNs says %s", _who(device), outcome.reason)
+        elif outcome.action is apns.Action.CONFIG_ERROR:
+            log.error("APNs refused a push to %s: %s", _who(device), result)
+
+    # --- shutdown --------------------------------------------------------
+
+    async def drain(self) -> None:
+        for device in self.dispatcher.flush():
+            self.outbox.submit(device)
+        self._wakeup.set()
+        with trio.move_on_after(DRAIN_TIMEOUT):
+            while len(self.outbox):
+                self._progress = trio.Event()
+                await self._progress.wait()
+        if len(self.outbox):
+            log.warning("stopped with %d pushes unsent", len(self.outbox))
+
+
+def describe(outcome: apns.Outcome) -> str:
+    if outcome.action is apns.Action.DELIVERED:
+        return "delivered"
+    status = f"{outcome.status} " if outcome.status else ""
+    return f"{outcome.action.value} ({status}{outcome.reason})"
+
+
+def _who(device: Registration) -> str:
+    return f"{device.username} device {relay.short_token(device.device_token)}"
+
+
+async def _receive(stream: trio.SocketStream) -> bytes:
+    try:
+        return await stream.receive_some(65536)
+    except trio.BrokenResourceError:
+        return b""
+
+
+def _unix_listener(path: Path, mode: int) -> trio.SocketListener:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Bind the stdlib way: trio's bind is async only to resolve names.
+    sock._sock.bind(str(path))  # type: ignore[attr-defined]
+    os.chmod(path, mode)
+    sock.listen(512)
+    return trio.SocketListener(sock)
+
+
+def _notify_ready() -> None:
+    """Tell systemd (Type=notify) or a test harness that we are up."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"READY=1", address)
+
+
+async def serve(config: Config) -> None:
+    credentials = certificates.load_credentials(
+        config.apns.certificate, config.apns.key, _password(config)
+    )
+    store = open_store(config.database)
+    sender = ApnsSender(credentials, endpoint=config.apns.endpoint, ca_file=config.apns.ca_file)
+    service = Service(config=config, store=store, sender=sender, topic=credentials.topic)
+    the_relay = relay.Relay(
+        topic=lambda: service.topic,
+        register=service.register,
+        allowed_uids=relay.allowed_uids(config.relay_peers),
+    )
+    events = _unix_listener(config.event_socket, 0o666)
+    relayed = _unix_listener(config.relay_socket, 0o666)
+    try:
+        async with sender, trio.open_nursery() as nursery:
+            nursery.start_soon(service.serve_events, events)
+            nursery.start_soon(the_relay.serve, relayed)
+            nursery.start_soon(service.run_sender)
+            log.info(
+                "dovenotify is running: events on %s, relay on %s, topic %s, APNs %s",
+                config.event_socket,
+                config.relay_socket,
+                credentials.topic,
+                config.apns.endpoint,
+            )
+            _notify_ready()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        log.info("SIGHUP: reloading is not supported yet; nothing changed")
+                        continue
+                    log.info("stopping on %s", signal.Signals(signum).name)
+                    break
+            await service.drain()
+            nursery.cancel_scope.cancel()
+    finally:
+        for path in (config.event_socket, config.relay_socket):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        store.close()
+
+
+def _password(config: Config) -> bytes | None:
+    if config.apns.password_file is None:
+        return None
+    return config.apns.password_file.read_bytes().rstrip(b"\r\n")

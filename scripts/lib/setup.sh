@@ -1,0 +1,34 @@
+# Shared by scripts/test, scripts/demo and scripts/bench: install what they need.
+# shellcheck shell=bash
+
+# Dovecot and the Lua socket library the driver script uses; python3 is the
+# system Python the post-login helper runs under.
+TEST_PACKAGES=(dovecot-core dovecot-imapd dovecot-lmtpd dovecot-sieve lua-socket python3 python3-venv)
+
+ensure_debian_packages() {
+    local missing=() package
+    for package in "$@"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" \
+            || missing+=("$package")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "dovenotify: these Debian packages are missing and installing them needs root: ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "Installing ${missing[*]} ..." >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# A virtualenv in .venv with dovenotify installed (not editable: the tests run the
+# installed `dovenotify` command, so packaging mistakes show up here).
+ensure_venv() {
+    local extra=$1
+    local python=${PYTHON:-python3}
+    if [ ! -x .venv/bin/python ]; then
+        "$python" -m venv .venv
+    fi
+    .venv/bin/python -m pip install -q --disable-pip-version-check ".[$extra]"
+}

@@ -1,0 +1,105 @@
+"""Run the installed `dovenotify serve` as a real subprocess, ready when it says so.
+
+Readiness is the systemd notify protocol: the service sends READY=1 to the
+datagram socket named by NOTIFY_SOCKET, and the harness awaits that datagram
+instead of polling for sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+import yaml
+
+STARTUP_TIMEOUT = 15.0
+STOP_TIMEOUT = 15.0
+
+
+def dovenotify_command() -> list[str]:
+    """The `dovenotify` entry point installed next to this Python, as an admin runs it."""
+    installed = shutil.which("dovenotify", path=str(Path(sys.executable).parent))
+    return [installed] if installed else [sys.executable, "-m", "dovenotify"]
+
+
+@attrs.define
+class RunningService:
+    process: trio.Process
+    config_path: Path
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signum)
+            with trio.move_on_after(STOP_TIMEOUT):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+                raise AssertionError(f"dovenotify ignored signal {signum}:\n{self.log_text()}")
+        return self.process.returncode
+
+
+def write_config(path: Path, settings: Mapping[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(dict(settings), sort_keys=False))
+    return path
+
+
+@asynccontextmanager
+async def run_service(
+    directory: Path, settings: Mapping[str, Any], extra_args: tuple[str, ...] = ()
+) -> AsyncIterator[RunningService]:
+    """Start `dovenotify serve` with these settings; stop it (by its PID) on exit."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config_path = write_config(directory / "dovenotify.yaml", settings)
+    log_path = directory / "dovenotify.log"
+    notify_path = directory / "notify.sock"
+    notify_path.unlink(missing_ok=True)
+    with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        await notify.bind(str(notify_path))
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        with log_path.open("ab") as log:
+            process = await trio.lowlevel.open_process(
+                [*dovenotify_command(), "serve", "--config", str(config_path), *extra_args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+        service = RunningService(process, config_path, log_path)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_exited_early, service, nursery.cancel_scope)
+                with trio.fail_after(STARTUP_TIMEOUT):
+                    message = await notify.recv(64)
+                nursery.cancel_scope.cancel()
+            if message != b"READY=1":
+                raise AssertionError(f"unexpected notify message {message!r}")
+        except BaseException:
+            await service.stop(signal.SIGKILL)
+            raise
+    try:
+        yield service
+    finally:
+        await service.stop()
+
+
+async def _exited_early(service: RunningService, scope: trio.CancelScope) -> None:
+    await service.process.wait()
+    raise AssertionError(
+        f"dovenotify exited with {service.process.returncode} before it was ready:\n"
+        + service.log_text()
+    )

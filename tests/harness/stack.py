@@ -1,0 +1,97 @@
+"""The whole path on real parts: Dovecot + `dovenotify serve` + the APNs stand-in.
+
+Used by the end-to-end tests and by scripts/demo, so the demo shows exactly what
+the tests check.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from dovenotify.cli import install_dovecot_files
+from dovenotify.dovecot_config import render
+from tests.harness.apns_standin import ApnsStandin, run_apns_standin
+from tests.harness.certs import Pki
+from tests.harness.dovecot import Dovecot, dovecot_version, make_root, start_dovecot
+from tests.harness.imap_client import ImapClient
+from tests.harness.service import RunningService, run_service
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@attrs.frozen
+class Stack:
+    root: Path
+    dovecot: Dovecot
+    service: RunningService
+    standin: ApnsStandin
+    settings: Mapping[str, Any]
+
+    async def iphone(self, user: str = "alice", password: str = "secret") -> ImapClient:
+        """A logged-in IMAP client over TLS, as iOS Mail connects."""
+        client = await ImapClient.connect(
+            self.dovecot.host,
+            self.dovecot.imaps_port,
+            ssl_context=self.dovecot.client_ssl_context(),
+        )
+        reply = await client.login(user, password)
+        assert reply.ok, reply
+        return client
+
+
+def service_settings(root: Path, pki: Pki, standin_url: str) -> dict[str, Any]:
+    return {
+        "database": str(root / "registrations.sqlite"),
+        "event_socket": str(root / "run" / "events.sock"),
+        "relay_socket": str(root / "run" / "relay.sock"),
+        "apns": {
+            "certificate": str(pki.client.combined_pem),
+            "endpoint": standin_url,
+            "ca_file": str(pki.ca_file),
+        },
+        "log_level": "debug",
+    }
+
+
+def dovecot_snippet(root: Path, settings: Mapping[str, Any], version: str) -> str:
+    files = root / "dovecot-files"
+    install_dovecot_files(files)
+    return render(
+        version,
+        lua_script=files / "dovenotify.lua",
+        event_socket=Path(settings["event_socket"]),
+        event_timeout=0.2,
+        helper_command=[SYSTEM_PYTHON, "-I", str(files / "postlogin.py")],
+        relay_socket=Path(settings["relay_socket"]),
+        relay_timeout=0.5,
+        user_field=settings.get("user_lookup"),
+    )
+
+
+@asynccontextmanager
+async def run_stack(
+    pki: Pki, overrides: Mapping[str, Any] | None = None, **standin_options: Any
+) -> AsyncIterator[Stack]:
+    root = make_root("dovenotify-stack-")
+    try:
+        async with run_apns_standin(pki, **standin_options) as standin:
+            settings = {**service_settings(root, pki, standin.url), **(overrides or {})}
+            snippet = dovecot_snippet(root, settings, dovecot_version())
+            (root / "dovecot").mkdir(mode=0o755)
+            dovecot = await trio.to_thread.run_sync(
+                lambda: start_dovecot(root / "dovecot", extra_conf=snippet)
+            )
+            try:
+                async with run_service(root / "service", settings) as service:
+                    yield Stack(root, dovecot, service, standin, settings)
+            finally:
+                await trio.to_thread.run_sync(dovecot.stop)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

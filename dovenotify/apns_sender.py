@@ -1,0 +1,91 @@
+"""Send pushes to APNs over one long-lived HTTP/2 connection (httpx + h2, under trio).
+
+`send` never raises for network trouble: APNs closes connections (GOAWAY, idle
+close) and httpx does not retry requests that were in flight when that happened,
+so every such failure comes back as a retry Outcome for the caller's backoff.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import h2.exceptions
+import httpx
+import trio
+
+from dovenotify import __version__
+from dovenotify.apns import PRODUCTION, Outcome, Push, build_request, classify, transport_failure
+from dovenotify.certificates import Credentials, client_ssl_context
+
+# httpx caps a connection at 100 concurrent streams and can fail with "Max outbound
+# streams" when it is reached around a reconnect; stay well below it.
+DEFAULT_MAX_IN_FLIGHT = 64
+
+_FAILURES = (
+    httpx.TransportError,  # timeouts, connect/read/write errors, protocol errors
+    h2.exceptions.ProtocolError,  # should be wrapped by httpcore; in case one slips through
+    ssl.SSLError,
+    OSError,
+    trio.BrokenResourceError,
+)
+
+
+class ApnsSender:
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        endpoint: str = PRODUCTION,
+        ca_file: Path | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        timeout: float = 10,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self._clock = clock
+        self._limiter = trio.CapacityLimiter(max_in_flight)
+        self._client = httpx.AsyncClient(
+            http1=False,
+            http2=True,
+            verify=client_ssl_context(credentials, ca_file),
+            base_url=self.endpoint,
+            timeout=httpx.Timeout(timeout),
+            # A few connections at most: APNs treats rapid reconnects as abuse.
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            headers={"user-agent": f"dovenotify/{__version__}"},
+        )
+
+    async def send(self, push: Push) -> Outcome:
+        """Send one push; the Outcome says what to do with the registration."""
+        request = build_request(push, self._clock())
+        async with self._limiter:
+            try:
+                response = await self._client.post(
+                    request.path, headers=request.headers, content=request.body
+                )
+            except _FAILURES as error:
+                return transport_failure(_describe(error))
+        return classify(response.status_code, response.content, response.headers.get("apns-id"))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __aenter__(self) -> ApnsSender:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def _describe(error: BaseException) -> str:
+    detail = str(error) or repr(error)
+    return f"{type(error).__name__}: {detail}"

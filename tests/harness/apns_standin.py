@@ -1,0 +1,218 @@
+"""An APNs stand-in: real HTTP/2 over mutual TLS, on 127.0.0.1, in the test's trio loop.
+
+hypercorn (trio worker, in-process) serves a small ASGI app that records every
+request and answers from a queue or a responder function. The TLS handshake
+requires a client certificate issued by the test PKI's client CA, like APNs.
+
+Tests await `standin.next_request()` instead of sleeping. A separate process (the
+dovenotify service in end-to-end tests) reaches it at `standin.url`, trusting
+`standin.ca_file`, with a client certificate from `test_pki.client`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import ssl
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from cryptography import x509
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from tests.harness.certs import Pki
+
+
+@attrs.frozen
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names; HTTP/2 pseudo-headers are not included
+    body: bytes
+    http_version: str  # "2" when the client spoke HTTP/2
+    client: tuple[str, int] | None
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@attrs.frozen
+class Answer:
+    status: int = 200
+    # dict: sent as JSON; bytes: sent as is (e.g. malformed JSON); None: empty body.
+    body: dict[str, Any] | bytes | None = None
+    # Never answer; the request stays open until the client gives up or the stand-in stops.
+    hang: bool = False
+
+
+HANG = Answer(hang=True)
+
+AnswerLike = Answer | tuple[int, dict[str, Any] | bytes | None]
+Responder = Callable[[RecordedRequest], AnswerLike | Awaitable[AnswerLike]]
+
+
+def _delivered(_request: RecordedRequest) -> AnswerLike:
+    return Answer(200)
+
+
+@attrs.define(eq=False)
+class ApnsStandin:
+    url: str
+    ca_file: Path  # trust this for the stand-in's server certificate
+    requests: list[RecordedRequest] = attrs.field(factory=list)
+    # Client certificates from completed handshakes, in order (the ASGI scope does not
+    # carry them, so they are caught at the TLS layer).
+    peer_certificates: list[x509.Certificate] = attrs.field(factory=list)
+    # Answers used in order, one per request; then `responder` answers.
+    answers: deque[AnswerLike] = attrs.field(factory=deque)
+    responder: Responder = _delivered
+    _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _arrivals: tuple[
+        trio.MemorySendChannel[RecordedRequest], trio.MemoryReceiveChannel[RecordedRequest]
+    ] = attrs.field(factory=lambda: trio.open_memory_channel(math.inf))
+
+    def queue_answers(self, *answers: AnswerLike) -> None:
+        self.answers.extend(answers)
+
+    async def next_request(self, timeout: float = 10) -> RecordedRequest:
+        """The next request not yet taken, waiting up to `timeout` seconds for it."""
+        with trio.fail_after(timeout):
+            return await self._arrivals[1].receive()
+
+    def abort(self) -> None:
+        """Stop now, dropping every connection without GOAWAY, as a crash would."""
+        self._cancel_scope.cancel()
+
+    async def _app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        headers = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+        }
+        request = RecordedRequest(
+            method=scope["method"],
+            path=scope["path"],
+            headers=headers,
+            body=body,
+            http_version=scope["http_version"],
+            client=tuple(scope["client"]) if scope.get("client") else None,
+        )
+        self.requests.append(request)
+        self._arrivals[0].send_nowait(request)
+
+        answer = await self._answer_for(request)
+        if answer.hang:
+            await trio.sleep_forever()
+        if isinstance(answer.body, dict):
+            payload = json.dumps(answer.body).encode()
+        else:
+            payload = answer.body or b""
+        response_headers = [
+            (b"apns-id", headers.get("apns-id", str(uuid.uuid4()).upper()).encode())
+        ]
+        if payload:
+            response_headers.append((b"content-type", b"application/json"))
+        await send(
+            {"type": "http.response.start", "status": answer.status, "headers": response_headers}
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    async def _answer_for(self, request: RecordedRequest) -> Answer:
+        answer = self.answers.popleft() if self.answers else self.responder(request)
+        if not isinstance(answer, Answer | tuple):
+            answer = await answer
+        if isinstance(answer, tuple):
+            answer = Answer(*answer)
+        return answer
+
+
+@asynccontextmanager
+async def run_apns_standin(
+    pki: Pki,
+    *,
+    answers: tuple[AnswerLike, ...] = (),
+    responder: Responder = _delivered,
+    keep_alive_timeout: float = 5,
+) -> AsyncIterator[ApnsStandin]:
+    """Serve the stand-in until the block ends; answers come from `answers`, then `responder`."""
+    config = _StandinConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.certfile = str(pki.server_cert)
+    config.keyfile = str(pki.server_key)
+    config.ca_certs = str(pki.client_ca_file)
+    config.verify_mode = ssl.VerifyMode.CERT_REQUIRED
+    config.keep_alive_timeout = keep_alive_timeout
+    config.graceful_timeout = 1
+    config.errorlog = None  # handshake failures are expected in some tests
+
+    standin = ApnsStandin(url="", ca_file=pki.ca_file, responder=responder)
+    standin.answers.extend(answers)
+    config.on_handshake = lambda der: standin.peer_certificates.append(
+        x509.load_der_x509_certificate(der)
+    )
+
+    async with trio.open_nursery() as nursery:
+
+        async def run(task_status: trio.TaskStatus[list[str]]) -> None:
+            with standin._cancel_scope:
+                await serve(standin._app, config, task_status=task_status, mode="asgi")
+
+        binds = await nursery.start(run)
+        standin.url = binds[0]
+        try:
+            yield standin
+        finally:
+            standin.abort()
+
+
+@pytest.fixture
+async def apns_standin(test_pki: Pki) -> AsyncIterator[ApnsStandin]:
+    """A running stand-in answering 200 unless told otherwise (`queue_answers`, `responder`)."""
+    async with run_apns_standin(test_pki) as standin:
+        yield standin
+
+
+class _StandinConfig(Config):
+    """hypercorn's TLS context, plus a record of each client certificate presented."""
+
+    on_handshake: Callable[[bytes], None] | None = None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        context = super().create_ssl_context()
+        if context is not None and self.on_handshake is not None:
+            on_handshake = self.on_handshake
+
+            # trio's SSLStream drives an SSLObject made from the context's class.
+            class RecordingSSLObject(ssl.SSLObject):
+                def do_handshake(self) -> None:
+                    super().do_handshake()
+                    der = self.getpeercert(binary_form=True)
+                    if der:
+                        on_handshake(der)
+
+            context.sslobject_class = RecordingSSLObject
+        return context

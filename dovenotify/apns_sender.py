@@ -43,6 +43,7 @@ class ApnsSender:
         ca_file: Path | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         timeout: float = 10,
+        idle_expiry: float = 1800,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
@@ -54,8 +55,11 @@ class ApnsSender:
             verify=client_ssl_context(credentials, ca_file),
             base_url=self.endpoint,
             timeout=httpx.Timeout(timeout),
-            # A few connections at most: APNs treats rapid reconnects as abuse.
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+            # One connection, kept open while idle (httpx's default drops it after 5 s):
+            # APNs treats rapid reconnects as abuse.
+            limits=httpx.Limits(
+                max_connections=1, max_keepalive_connections=1, keepalive_expiry=idle_expiry
+            ),
             headers={"user-agent": f"dovenotify/{__version__}"},
         )
 
@@ -63,12 +67,22 @@ class ApnsSender:
         """Send one push; the Outcome says what to do with the registration."""
         request = build_request(push, self._clock())
         async with self._limiter:
-            try:
-                response = await self._client.post(
-                    request.path, headers=request.headers, content=request.body
-                )
-            except _FAILURES as error:
-                return transport_failure(_describe(error))
+            for attempt in range(2):
+                try:
+                    response = await self._client.post(
+                        request.path, headers=request.headers, content=request.body
+                    )
+                    break
+                except (httpx.TimeoutException, httpx.ConnectError) as error:
+                    # A fresh connection was just tried, or waiting longer would not help.
+                    return transport_failure(_describe(error))
+                except _FAILURES as error:
+                    # httpcore does not watch idle HTTP/2 connections: one the server
+                    # closed (GOAWAY, idle timeout) is only found dead by the next request
+                    # written to it. One immediate attempt on a new connection covers
+                    # that; a duplicate push, should the first have arrived, is harmless.
+                    if attempt:
+                        return transport_failure(_describe(error))
         return classify(response.status_code, response.content, response.headers.get("apns-id"))
 
     async def aclose(self) -> None:

@@ -1,5 +1,7 @@
 import json
 import ssl
+import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,14 +19,8 @@ from dovenotify.apns import (
 )
 from dovenotify.apns_sender import ApnsSender
 from dovenotify.certificates import load_credentials
-from tests.harness import apns_standin as standin_harness
-from tests.harness import certs
 from tests.harness.apns_standin import HANG, Answer, ApnsStandin, run_apns_standin
 from tests.harness.certs import Pki
-
-# Until tests/conftest.py shares them: a module-level name is how pytest finds a fixture.
-test_pki = certs.test_pki
-apns_standin = standin_harness.apns_standin
 
 TOKEN = "00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0"  # made up
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"  # the example from the docs
@@ -204,6 +200,17 @@ async def test_standin_gone_mid_request_is_a_retry_not_an_exception(test_pki: Pk
     assert outcome.reason
 
 
+async def test_connection_closed_while_idle_is_replaced(test_pki: Pki) -> None:
+    # The server drops the idle connection (here: APNs restarts); the next push must not
+    # be lost to the dead connection httpx still holds.
+    async with run_apns_standin(test_pki) as first:
+        sender = _sender(test_pki, first)
+        assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+    async with sender, run_apns_standin(test_pki, port=first.port) as second:
+        assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+        assert len(second.requests) == 1
+
+
 async def test_no_server_is_a_retry(test_pki: Pki) -> None:
     async with run_apns_standin(test_pki) as standin:
         pass  # stopped: its port now refuses connections
@@ -259,3 +266,31 @@ async def test_standin_refuses_clients_without_a_trusted_certificate(
             await client.post(f"{apns_standin.url}/3/device/{TOKEN}", content=b"{}")
     assert apns_standin.requests == []
     assert apns_standin.peer_certificates == []
+
+
+SEND_FROM_ANOTHER_PROCESS = """
+import sys, trio
+from pathlib import Path
+from dovenotify.apns import Push
+from dovenotify.apns_sender import ApnsSender
+from dovenotify.certificates import load_credentials
+
+async def main(url, ca_file, certificate, token, account):
+    credentials = load_credentials(Path(certificate))
+    async with ApnsSender(credentials, endpoint=url, ca_file=Path(ca_file)) as sender:
+        outcome = await sender.send(Push(token, credentials.topic, account))
+    print(outcome.action.value)
+
+trio.run(main, *sys.argv[1:])
+"""
+
+
+async def test_standin_serves_another_process(test_pki: Pki, apns_standin: ApnsStandin) -> None:
+    # End-to-end tests run dovenotify as a subprocess against the in-process stand-in.
+    command = [sys.executable, "-c", SEND_FROM_ANOTHER_PROCESS, apns_standin.url]
+    command += [str(test_pki.ca_file), str(test_pki.client.p12), TOKEN, ACCOUNT]
+    repo = Path(__file__).resolve().parent.parent
+    result = await trio.run_process(command, capture_stdout=True, cwd=repo)
+    assert result.stdout.decode().split() == ["delivered"]
+    request = await apns_standin.next_request()
+    assert (request.http_version, request.headers["apns-topic"]) == ("2", test_pki.client.topic)

@@ -6,11 +6,7 @@ import pytest
 from cryptography import x509
 
 from dovenotify.certificates import CertificateError, client_ssl_context, load_credentials
-from tests.harness import certs
 from tests.harness.certs import P12_PASSWORD, Pki
-
-# Until tests/conftest.py shares it: a module-level name is how pytest finds a fixture.
-test_pki = certs.test_pki
 
 
 def test_pem_certificate_and_key_in_one_file(test_pki: Pki) -> None:

@@ -65,7 +65,7 @@ def _delivered(_request: RecordedRequest) -> AnswerLike:
 
 @attrs.define(eq=False)
 class ApnsStandin:
-    url: str
+    url: str  # https://127.0.0.1:PORT
     ca_file: Path  # trust this for the stand-in's server certificate
     requests: list[RecordedRequest] = attrs.field(factory=list)
     # Client certificates from completed handshakes, in order (the ASGI scope does not
@@ -78,6 +78,10 @@ class ApnsStandin:
     _arrivals: tuple[
         trio.MemorySendChannel[RecordedRequest], trio.MemoryReceiveChannel[RecordedRequest]
     ] = attrs.field(factory=lambda: trio.open_memory_channel(math.inf))
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def queue_answers(self, *answers: AnswerLike) -> None:
         self.answers.extend(answers)
@@ -157,10 +161,14 @@ async def run_apns_standin(
     answers: tuple[AnswerLike, ...] = (),
     responder: Responder = _delivered,
     keep_alive_timeout: float = 5,
+    port: int = 0,
 ) -> AsyncIterator[ApnsStandin]:
-    """Serve the stand-in until the block ends; answers come from `answers`, then `responder`."""
+    """Serve the stand-in until the block ends; answers come from `answers`, then `responder`.
+
+    `port` 0 picks a free one; give a previous stand-in's port to play a restarted APNs.
+    """
     config = _StandinConfig()
-    config.bind = ["127.0.0.1:0"]
+    config.bind = [f"127.0.0.1:{port}"]
     config.certfile = str(pki.server_cert)
     config.keyfile = str(pki.server_key)
     config.ca_certs = str(pki.client_ca_file)

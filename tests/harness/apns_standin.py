@@ -12,6 +12,7 @@ dovenotify service in end-to-end tests) reaches it at `standin.url`, trusting
 from __future__ import annotations
 
 import json
+import logging
 import math
 import ssl
 import uuid
@@ -175,7 +176,8 @@ async def run_apns_standin(
     config.verify_mode = ssl.VerifyMode.CERT_REQUIRED
     config.keep_alive_timeout = keep_alive_timeout
     config.graceful_timeout = 1
-    config.errorlog = None  # handshake failures are expected in some tests
+    # To pytest's log capture rather than stderr: some tests fail handshakes on purpose.
+    config.errorlog = logging.getLogger("tests.apns_standin")
 
     standin = ApnsStandin(url="", ca_file=pki.ca_file, responder=responder)
     standin.answers.extend(answers)

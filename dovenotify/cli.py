@@ -7,8 +7,9 @@ import json
 import logging
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from . import config as configuration
 from . import dovecot_config
@@ -38,26 +39,17 @@ def _parser() -> argparse.ArgumentParser:
         prog="dovenotify", description="iOS Mail push (XAPPLEPUSHSERVICE) for Dovecot."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_command(commands, "serve", "Run the service (under supervisord or systemd).", _serve)
 
-    def command(name: str, help: str, run) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument(
-            "--config",
-            type=Path,
-            default=configuration.DEFAULT_PATH,
-            help=f"configuration file (default {configuration.DEFAULT_PATH})",
-        )
-        sub.set_defaults(run=run)
-        return sub
-
-    command("serve", "Run the service (under supervisord or systemd).", _serve)
-
-    devices = command("devices", "List registered devices.", _devices)
+    devices = add_command(commands, "devices", "List registered devices.", _devices)
     devices.add_argument("--user", help="only this user's devices")
     devices.add_argument("--json", action="store_true", help="print a JSON array")
 
-    conf = command(
-        "dovecot-config", "Print the Dovecot configuration that enables dovenotify.", _dovecot
+    conf = add_command(
+        commands,
+        "dovecot-config",
+        "Print the Dovecot configuration that enables dovenotify.",
+        _dovecot,
     )
     conf.add_argument(
         "--dovecot-version",
@@ -72,7 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> configuration.Config:
+Run = Callable[[argparse.Namespace], int | None]
+
+
+def add_command(commands: Any, name: str, help: str, run: Run) -> argparse.ArgumentParser:
+    """A subcommand taking --config; `run(args)` returns the exit code."""
+    sub = commands.add_parser(name, help=help, description=help)
+    sub.add_argument(
+        "--config",
+        type=Path,
+        default=configuration.DEFAULT_PATH,
+        help=f"configuration file (default {configuration.DEFAULT_PATH})",
+    )
+    sub.set_defaults(run=run)
+    return sub
+
+
+def load_config(args: argparse.Namespace) -> configuration.Config:
     return configuration.load(args.config)
 
 
@@ -81,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from . import certificates, service
 
-    config = _load(args)
+    config = load_config(args)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -95,7 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    store = open_store(_load(args).database)
+    store = open_store(load_config(args).database)
     try:
         devices = store.devices(args.user)
     finally:
@@ -126,7 +134,7 @@ def _devices(args: argparse.Namespace) -> int:
 
 
 def _dovecot(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = load_config(args)
     version = args.dovecot_version or dovecot_config.installed_dovecot_version()
     files = config.dovecot_files
     if args.install:

@@ -1,0 +1,196 @@
+-- dovenotify: Dovecot push_notification Lua driver (Dovecot 2.3 and 2.4).
+--
+-- Sends one line per distinct event of a mail transaction to the dovenotify
+-- service over a unix stream socket:
+--
+--     <EventName> TAB <username> TAB <mailbox> TAB <service> [TAB <more>] LF
+--
+-- `%`, TAB, CR and LF in username and mailbox are sent as %25 %09 %0D %0A.
+-- MailboxRename appends the escaped old name as a fifth field. Receivers must
+-- ignore fields they do not know, so fields can be added later.
+--
+-- This runs inside Dovecot's imap/lmtp/lda processes, synchronously, as the
+-- mail uid. So: never raise into Dovecot, never wait longer than the timeout,
+-- and keep the top level cheap (the file is loaded for every mail user, twice
+-- per LMTP delivery).
+--
+-- Settings (2.3: plugin { ... }; 2.4: push_notification lua { lua_settings { ... } }):
+--   dovenotify_socket      event socket path   (default /run/dovenotify/events.sock)
+--   dovenotify_timeout     seconds, per send   (default 0.2)
+--   dovenotify_user_field  optional userdb field whose value replaces the username
+
+local DEFAULT_SOCKET = "/run/dovenotify/events.sock"
+local DEFAULT_TIMEOUT = 0.2
+
+-- Per Lua state (one per mail user in a process): filled by script_init on 2.4,
+-- on the first transaction on 2.3 where settings come from the user.
+local settings = nil
+-- lua-socket's unix module, loaded on the first send so that processes
+-- which never send an event never load it.
+local unix = nil
+
+local ESCAPES = { ["%"] = "%25", ["\t"] = "%09", ["\r"] = "%0D", ["\n"] = "%0A" }
+
+local function escape(text)
+  return (string.gsub(tostring(text or ""), "[%%\t\r\n]", ESCAPES))
+end
+
+local function make_settings(get)
+  local timeout = tonumber(get("dovenotify_timeout") or "")
+  if timeout == nil or timeout <= 0 then
+    timeout = DEFAULT_TIMEOUT
+  end
+  local socket_path = get("dovenotify_socket")
+  if socket_path == nil or socket_path == "" then
+    socket_path = DEFAULT_SOCKET
+  end
+  local field = get("dovenotify_user_field")
+  -- The name goes into a %{userdb:...} expansion on 2.4: allow plain names only.
+  if field ~= nil and not string.match(field, "^[%w_.-]+$") then
+    field = nil
+  end
+  return { socket = socket_path, timeout = timeout, user_field = field }
+end
+
+-- 2.3 calls script_init() without arguments and insists on an integer 0;
+-- 2.4 passes lua_settings as a table and ignores the result.
+function script_init(args)
+  if type(args) == "table" then
+    settings = make_settings(function(name) return args[name] end)
+  end
+  return 0
+end
+
+local function user_settings(user)
+  if settings == nil then
+    if user.plugin_getenv ~= nil then
+      settings = make_settings(function(name) return user:plugin_getenv(name) end)
+    else
+      settings = make_settings(function() return nil end)
+    end
+  end
+  return settings
+end
+
+local function username_of(user, s)
+  if s.user_field ~= nil then
+    local ok, value
+    if user.plugin_getenv ~= nil then
+      -- 2.3: userdb extra fields are visible as plugin settings.
+      ok, value = pcall(user.plugin_getenv, user, s.user_field)
+    else
+      ok, value = pcall(user.var_expand, user, "%{userdb:" .. s.user_field .. "}")
+    end
+    if ok and type(value) == "string" and value ~= "" then
+      return value
+    end
+  end
+  return user.username
+end
+
+function dovecot_lua_notify_begin_txn(user)
+  local s = user_settings(user)
+  return {
+    prefix = "\t" .. escape(username_of(user, s)) .. "\t",
+    suffix = "\t" .. escape(user.service) .. "\n",
+    lines = {},
+    seen = {},
+    settings = s,
+  }
+end
+
+local function add(ctx, name, mailbox, extra)
+  local line = name .. ctx.prefix .. escape(mailbox) .. ctx.suffix
+  if extra ~= nil then
+    line = string.sub(line, 1, -2) .. "\t" .. escape(extra) .. "\n"
+  end
+  if not ctx.seen[line] then
+    ctx.seen[line] = true
+    ctx.lines[#ctx.lines + 1] = line
+  end
+end
+
+function dovecot_lua_notify_event_message_new(ctx, event)
+  add(ctx, "MessageNew", event.mailbox)
+end
+
+function dovecot_lua_notify_event_message_append(ctx, event)
+  add(ctx, "MessageAppend", event.mailbox)
+end
+
+function dovecot_lua_notify_event_message_expunge(ctx, event)
+  add(ctx, "MessageExpunge", event.mailbox)
+end
+
+function dovecot_lua_notify_event_flags_set(ctx, event)
+  add(ctx, "FlagsSet", event.mailbox)
+end
+
+function dovecot_lua_notify_event_flags_clear(ctx, event)
+  -- Dovecot reports a FlagsClear with nothing in it whenever \Recent goes away
+  -- (e.g. on STORE +FLAGS \Seen): flags is then an empty table and keywords
+  -- is absent or empty. Nothing changed that a client can see.
+  local flags, keywords = event.flags, event.keywords
+  if (flags == nil or #flags == 0) and (keywords == nil or #keywords == 0) then
+    return
+  end
+  add(ctx, "FlagsClear", event.mailbox)
+end
+
+function dovecot_lua_notify_event_mailbox_create(ctx, event)
+  add(ctx, "MailboxCreate", event.mailbox)
+end
+
+function dovecot_lua_notify_event_mailbox_delete(ctx, event)
+  add(ctx, "MailboxDelete", event.mailbox)
+end
+
+function dovecot_lua_notify_event_mailbox_rename(ctx, event)
+  add(ctx, "MailboxRename", event.mailbox, event.mailbox_old or "")
+end
+
+-- Returns nil on success, else a reason for the log.
+local function send(data, s)
+  if unix == nil then
+    local ok, module = pcall(require, "socket.unix")
+    if not ok then
+      return "cannot load lua-socket (socket.unix): " .. tostring(module)
+    end
+    unix = module
+  end
+  local conn, err = (unix.stream or unix)()
+  if conn == nil then
+    return "socket: " .. tostring(err)
+  end
+  -- "b" bounds each blocking step, "t" the whole call: together no step and
+  -- no sequence of partial sends can wait longer than the timeout.
+  conn:settimeout(s.timeout, "b")
+  conn:settimeout(s.timeout, "t")
+  local ok
+  ok, err = conn:connect(s.socket)
+  if ok then
+    local sent, send_err, last = conn:send(data)
+    if sent == nil then
+      err = "send: " .. tostring(send_err) .. " after " .. tostring(math.floor(last or 0)) .. " of "
+        .. #data .. " bytes"
+    else
+      err = nil
+    end
+  else
+    err = "connect: " .. tostring(err)
+  end
+  conn:close()
+  return err
+end
+
+function dovecot_lua_notify_end_txn(ctx, success)
+  if not success or #ctx.lines == 0 then
+    return
+  end
+  local ok, err = pcall(send, table.concat(ctx.lines), ctx.settings)
+  if not ok or err ~= nil then
+    pcall(dovecot.i_warning, string.format(
+      "dovenotify: %d event(s) not sent to %s: %s",
+      #ctx.lines, ctx.settings.socket, tostring(err)))
+  end
+end

@@ -1,0 +1,157 @@
+"""The rendered Dovecot snippet: Dovecot accepts it, and the shipped examples are it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import dovenotify
+from dovenotify import dovecot_config
+from dovenotify.dovecot_config import installed_dovecot_version, render, render_example
+from tests.harness.dovecot import make_root, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+HAVE_DOVECOT = shutil.which("doveconf") is not None
+HOST_VERSION = installed_dovecot_version() if HAVE_DOVECOT else None
+
+ARGS = {
+    "lua_script": Path("/opt/dn/dovenotify.lua"),
+    "event_socket": Path("/run/dn/events.sock"),
+    "event_timeout": 0.25,
+    "helper_command": ["/usr/bin/python3", "-I", "/opt/dn/postlogin.py"],
+    "relay_socket": Path("/run/dn/relay.sock"),
+    "relay_timeout": 1.5,
+}
+
+
+@pytest.mark.parametrize("version", dovecot_config.VERSIONS)
+def test_example_files_are_what_render_produces(version: str):
+    example = REPO / "dovecot-conf" / version / "95-dovenotify.conf"
+    assert example.read_text() == render_example(version), (
+        f"regenerate {example} from dovenotify.dovecot_config.render_example({version!r})"
+    )
+
+
+def test_example_lua_script_is_the_package_script():
+    link = REPO / "dovecot-conf" / "dovenotify.lua"
+    assert link.is_symlink()
+    assert link.resolve() == (Path(dovenotify.__file__).parent / "dovecot" / "dovenotify.lua")
+
+
+@pytest.mark.parametrize("version", dovecot_config.VERSIONS)
+def test_render_contains_the_settings(version: str):
+    text = render(version, **ARGS, user_field="push_user")
+    assert text.count("{") == text.count("}")
+    assert "/opt/dn/dovenotify.lua" in text
+    assert "dovenotify_socket = /run/dn/events.sock" in text
+    assert "dovenotify_timeout = 0.25" in text
+    assert "dovenotify_user_field = push_user" in text
+    assert (
+        "executable = script-login /usr/bin/python3 -I /opt/dn/postlogin.py"
+        " --socket /run/dn/relay.sock --timeout 1.5 --user-field push_user\n"
+    ) in text
+    assert "executable = imap imap-postlogin\n" in text
+    internal_user = "$default_internal_user" if version == "2.3" else "$SET:default_internal_user"
+    assert f"  user = {internal_user}\n" in text
+
+
+def test_render_without_user_field_has_none():
+    for version in dovecot_config.VERSIONS:
+        text = render(version, **ARGS)
+        assert "user_field" not in text and "--user-field" not in text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"lua_script": Path("/opt/my scripts/dn.lua")}, "Lua script path"),
+        ({"event_socket": Path("/run/%u.sock")}, "event socket path"),
+        ({"helper_command": ["/usr/bin/python3", "-c", "x y"]}, "helper argument"),
+        ({"helper_command": []}, "helper command is empty"),
+        ({"event_timeout": 0}, "event timeout"),
+        ({"user_field": "push user"}, "user field"),
+    ],
+)
+def test_render_refuses_what_dovecot_would_misread(change: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        render("2.3", **{**ARGS, **change})
+
+
+def test_render_refuses_unknown_versions():
+    with pytest.raises(ValueError, match="unsupported Dovecot version"):
+        render("2.2", **ARGS)
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    root = make_root("dovenotify-conf-")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def doveconf(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["doveconf", "-c", str(conf), *args], capture_output=True, text=True, timeout=30
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="write_config chowns to the mail user")
+@pytest.mark.parametrize("version", dovecot_config.VERSIONS)
+@pytest.mark.parametrize("user_field", [None, "push_user"])
+def test_doveconf_accepts_base_config_with_snippet(
+    root: Path, version: str, user_field: str | None
+):
+    if not HAVE_DOVECOT:
+        pytest.skip("Dovecot is not installed")
+    if version != HOST_VERSION:
+        pytest.skip(f"this host runs Dovecot {HOST_VERSION}; {version} syntax cannot be checked")
+    conf = write_config(
+        root, version=version, extra_conf=render(version, **ARGS, user_field=user_field)
+    )
+    result = doveconf(conf, "-n")
+    assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr and "Error" not in result.stderr, result.stderr
+    for protocol in ("imap", "lmtp", "lda"):
+        plugins = doveconf(conf, "-h", "-f", f"protocol={protocol}", "mail_plugins")
+        assert plugins.stdout.split() == list(dovecot_config.PLUGINS), plugins
+    capability = doveconf(conf, "-h", "-f", "protocol=imap", "imap_capability")
+    assert "XAPPLEPUSHSERVICE" in capability.stdout
+
+
+def fake_dovecot(directory: Path, output: str, status: int = 0) -> str:
+    path = directory / "dovecot"
+    path.write_text(f"#!/bin/sh\necho '{output}'\nexit {status}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [("2.3.19.1 (9b53102964)", "2.3"), ("2.4.1-4 (7d8c0e5759)", "2.4")],
+)
+def test_installed_dovecot_version(tmp_path: Path, output: str, expected: str):
+    assert installed_dovecot_version(fake_dovecot(tmp_path, output)) == expected
+
+
+@pytest.mark.parametrize(
+    ("output", "status", "message"),
+    [
+        ("2.2.36 (1f10bfa63)", 0, "Dovecot 2.2.36 is not supported"),
+        ("2.5.0 (0000000000)", 0, "Dovecot 2.5.0 is not supported"),
+        ("garbage", 0, "cannot read the Dovecot version"),
+        ("2.3.19.1", 1, "cannot read the Dovecot version"),
+    ],
+)
+def test_installed_dovecot_version_errors(tmp_path: Path, output: str, status: int, message: str):
+    with pytest.raises(ValueError, match=message):
+        installed_dovecot_version(fake_dovecot(tmp_path, output, status))
+
+
+def test_installed_dovecot_version_without_dovecot(tmp_path: Path):
+    with pytest.raises(ValueError, match="is Dovecot installed"):
+        installed_dovecot_version(str(tmp_path / "no-such-dovecot"))

@@ -1,0 +1,305 @@
+"""The Lua driver inside a real Dovecot: what it sends, and that it never holds mail up.
+
+Each test starts Dovecot with the snippet `render()` produces (post-login helper
+replaced by a pass-through) and an EventSink on the event socket.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+import dovenotify
+from dovenotify.dovecot_config import render
+from tests.harness.dovecot import (
+    Dovecot,
+    EventSink,
+    StartDovecot,
+    deliver,
+    dovecot_version,
+    make_root,
+)
+from tests.harness.imap_client import ImapClient
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("dovecot") is None or os.geteuid() != 0,
+    reason="needs Dovecot installed and root to start it",
+)
+
+SCRIPT = Path(dovenotify.__file__).parent / "dovecot" / "dovenotify.lua"
+MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nhi\r\n"
+
+# Continues the login chain without a relay, so IMAP works through the rendered
+# imap-postlogin service without depending on dovenotify's helper.
+PASS_THROUGH = """\
+#!/bin/sh
+while [ "$#" -gt 0 ]; do
+  case "$1" in --socket|--timeout|--user-field) shift 2 ;; *) break ;; esac
+done
+exec "$@"
+"""
+
+# Wraps the real script to show what Dovecot passes to FlagsClear.
+FLAGS_CLEAR_PROBE = """\
+dofile("{script}")
+local real = dovecot_lua_notify_event_flags_clear
+function dovecot_lua_notify_event_flags_clear(ctx, event)
+  local keywords = event.keywords == nil and "nil" or tostring(#event.keywords)
+  ctx.lines[#ctx.lines + 1] = string.format(
+    "Probe\\tflags=%d\\tkeywords=%s\\n", #event.flags, keywords)
+  real(ctx, event)
+end
+"""
+
+CONTROL_CHARACTERS_PROBE = """\
+dofile("{script}")
+local real = dovecot_lua_notify_event_message_new
+function dovecot_lua_notify_event_message_new(ctx, event)
+  real(ctx, event)
+  dovecot_lua_notify_event_mailbox_delete(ctx, {{ mailbox = "a\\tb\\r\\nc%d" }})
+end
+"""
+
+# Makes every transaction bigger than a unix socket's buffer, so that a listener
+# that never reads makes the send wait for the timeout.
+PADDING = """\
+dofile("{script}")
+local real = dovecot_lua_notify_event_message_new
+function dovecot_lua_notify_event_message_new(ctx, event)
+  real(ctx, event)
+  ctx.lines[#ctx.lines + 1] = string.rep("x", 1000000) .. "\\n"
+end
+"""
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A directory for the event socket and test scripts, readable by Dovecot's users."""
+    root = make_root("dovenotify-events-")
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def write_script(scratch: Path, name: str, text: str, mode: int = 0o644) -> Path:
+    path = scratch / name
+    path.write_text(text.format(script=SCRIPT))
+    path.chmod(mode)
+    return path
+
+
+def driver_conf(
+    scratch: Path,
+    *,
+    lua_script: Path = SCRIPT,
+    timeout: float = 0.2,
+    user_field: str | None = None,
+) -> str:
+    helper = write_script(scratch, "pass-through.sh", PASS_THROUGH, 0o755)
+    return render(
+        dovecot_version(),
+        lua_script=lua_script,
+        event_socket=scratch / "events.sock",
+        event_timeout=timeout,
+        helper_command=[str(helper)],
+        relay_socket=scratch / "relay.sock",
+        relay_timeout=0.5,
+        user_field=user_field,
+    )
+
+
+async def imap_login(d: Dovecot, user: str = "alice") -> ImapClient:
+    client = await ImapClient.connect(d.host, d.imap_port)
+    await client.login(user, "secret")
+    return client
+
+
+async def wait_lines(sink: EventSink, predicate) -> None:
+    await trio.to_thread.run_sync(sink.wait_for, predicate)
+
+
+def test_lmtp_delivery_sends_one_message_new(dovecot_factory: StartDovecot, scratch: Path):
+    d = dovecot_factory(extra_conf=driver_conf(scratch))
+    with EventSink(scratch / "events.sock") as sink:
+        deliver(d, "alice", MESSAGE)
+        deliver(d, "alice", MESSAGE)
+        sink.wait_for(lambda s: len(s.payloads) == 3)
+    # One connection per transaction; the first delivery also creates INBOX,
+    # in a transaction of its own.
+    assert sink.payloads == [
+        b"MailboxCreate\talice\tINBOX\tlmtp\n",
+        b"MessageNew\talice\tINBOX\tlmtp\n",
+        b"MessageNew\talice\tINBOX\tlmtp\n",
+    ]
+
+
+async def test_imap_append_sends_message_append(dovecot_factory: StartDovecot, scratch: Path):
+    d = dovecot_factory(extra_conf=driver_conf(scratch))
+    with EventSink(scratch / "events.sock") as sink:
+        client = await imap_login(d)
+        assert (await client.append("INBOX", MESSAGE)).ok
+        await client.logout()
+        await wait_lines(sink, lambda s: any("MessageAppend" in line for line in s.lines))
+    assert "MessageAppend\talice\tINBOX\timap\n" in sink.lines
+    assert all(line.endswith("\timap\n") for line in sink.lines)
+
+
+async def test_mailbox_names_are_escaped(dovecot_factory: StartDovecot, scratch: Path):
+    d = dovecot_factory(extra_conf=driver_conf(scratch))
+    with EventSink(scratch / "events.sock") as sink:
+        client = await imap_login(d)
+        assert (await client.command('CREATE "100% sure"')).ok
+        assert (await client.append("100% sure", MESSAGE)).ok
+        # IMAP names are modified UTF-7; the driver sends UTF-8.
+        assert (await client.command('RENAME "100% sure" "Entw&APw-rfe 100%"')).ok
+        await client.logout()
+        await wait_lines(sink, lambda s: any("MailboxRename" in line for line in s.lines))
+    assert "MailboxCreate\talice\t100%25 sure\timap\n" in sink.lines
+    assert "MessageAppend\talice\t100%25 sure\timap\n" in sink.lines
+    # The old name rides along as a fifth field.
+    assert "MailboxRename\talice\tEntwürfe 100%25\timap\t100%25 sure\n" in sink.lines
+
+
+def test_control_characters_are_escaped(dovecot_factory: StartDovecot, scratch: Path):
+    # Dovecot refuses control characters in new mailbox names, but old
+    # mailboxes on disk may have them: feed one through the driver in Dovecot.
+    probe = write_script(scratch, "probe.lua", CONTROL_CHARACTERS_PROBE)
+    d = dovecot_factory(extra_conf=driver_conf(scratch, lua_script=probe))
+    with EventSink(scratch / "events.sock") as sink:
+        deliver(d, "alice", MESSAGE)
+        sink.wait_for(lambda s: any("MailboxDelete" in line for line in s.lines))
+    assert "MailboxDelete\talice\ta%09b%0D%0Ac%25d\tlmtp\n" in sink.lines
+
+
+async def test_empty_flags_clear_is_not_sent(dovecot_factory: StartDovecot, scratch: Path):
+    probe = write_script(scratch, "probe.lua", FLAGS_CLEAR_PROBE)
+    d = dovecot_factory(extra_conf=driver_conf(scratch, lua_script=probe))
+    deliver(d, "alice", MESSAGE)  # no listener yet: this event is dropped
+    with EventSink(scratch / "events.sock") as sink:
+        client = await imap_login(d)
+        assert (await client.command("SELECT INBOX")).ok
+        assert (await client.command("STORE 1 +FLAGS (\\Seen)")).ok
+        await wait_lines(sink, lambda s: any("FlagsSet" in line for line in s.lines))
+        seen_lines = list(sink.lines)
+        assert (await client.command("STORE 1 -FLAGS (\\Seen)")).ok
+        await client.logout()
+        await wait_lines(sink, lambda s: len(s.lines) > len(seen_lines) + 1)
+    # Setting \Seen makes Dovecot report a FlagsClear that clears nothing
+    # (\Recent went away but is not listed); the driver drops it.
+    assert "Probe\tflags=0\tkeywords=0\n" in seen_lines
+    assert "FlagsSet\talice\tINBOX\timap\n" in seen_lines
+    assert not [line for line in seen_lines if line.startswith("FlagsClear")]
+    # Clearing a real flag is sent.
+    assert "Probe\tflags=1\tkeywords=0\n" in sink.lines
+    assert "FlagsClear\talice\tINBOX\timap\n" in sink.lines
+
+
+async def test_user_field_replaces_the_username(dovecot_factory: StartDovecot, scratch: Path):
+    d = dovecot_factory(
+        extra_conf=driver_conf(scratch, user_field="push_user"),
+        userdb_fields={"alice": {"push_user": "alice@example.org"}},
+    )
+    with EventSink(scratch / "events.sock") as sink:
+        await trio.to_thread.run_sync(deliver, d, "alice", MESSAGE)
+        await trio.to_thread.run_sync(deliver, d, "bob", MESSAGE)
+        client = await imap_login(d)
+        assert (await client.append("INBOX", MESSAGE)).ok
+        await client.logout()
+        await wait_lines(sink, lambda s: any("MessageAppend" in line for line in s.lines))
+    assert "MessageNew\talice@example.org\tINBOX\tlmtp\n" in sink.lines
+    assert "MessageAppend\talice@example.org\tINBOX\timap\n" in sink.lines
+    # Without the field the login name is used.
+    assert "MessageNew\tbob\tINBOX\tlmtp\n" in sink.lines
+
+
+# --- a missing or stuck dovenotify must not hold up delivery --------------------
+
+TIMEOUT = 0.2
+ROUNDS = 3
+
+
+def median_delivery(d: Dovecot) -> float:
+    return statistics.median(deliver(d, "alice", MESSAGE) for _ in range(ROUNDS))
+
+
+def warnings(d: Dovecot) -> list[str]:
+    return [line for line in d.log_text().splitlines() if "dovenotify:" in line]
+
+
+@pytest.fixture
+def timed(dovecot_factory: StartDovecot, scratch: Path) -> tuple[Dovecot, float]:
+    """Dovecot with the driver, and its median delivery time to a healthy listener."""
+    d = dovecot_factory(extra_conf=driver_conf(scratch, timeout=TIMEOUT))
+    with EventSink(scratch / "events.sock") as sink:
+        deliver(d, "alice", MESSAGE)  # first delivery creates INBOX: not typical
+        healthy = median_delivery(d)
+        sink.wait_for(lambda s: len(s.payloads) == ROUNDS + 2)
+    print(f"\nLMTP delivery, healthy listener: {healthy * 1000:.1f} ms")
+    return d, healthy
+
+
+def test_delivery_without_socket_file(timed: tuple[Dovecot, float]):
+    d, healthy = timed
+    elapsed = median_delivery(d)
+    print(f"LMTP delivery, no socket: {elapsed * 1000:.1f} ms")
+    assert elapsed < healthy + 2 * TIMEOUT
+    d.wait_for_log(r"Warning: dovenotify: 1 event\(s\) not sent to .*No such file")
+
+
+def test_delivery_with_stale_socket_file(timed: tuple[Dovecot, float], scratch: Path):
+    d, healthy = timed
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(scratch / "events.sock"))
+    stale.close()
+    (scratch / "events.sock").chmod(0o666)
+    elapsed = median_delivery(d)
+    print(f"LMTP delivery, stale socket file: {elapsed * 1000:.1f} ms")
+    assert elapsed < healthy + 2 * TIMEOUT
+    d.wait_for_log(r"Warning: dovenotify: .*connect: connection refused")
+
+
+def test_delivery_with_listener_that_never_accepts(timed: tuple[Dovecot, float], scratch: Path):
+    d, healthy = timed
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(scratch / "events.sock"))
+        (scratch / "events.sock").chmod(0o666)
+        server.listen(0)
+        # Fill the backlog so that further connects are refused.
+        filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        filler.connect(str(scratch / "events.sock"))
+        with filler:
+            elapsed = median_delivery(d)
+    print(f"LMTP delivery, full backlog: {elapsed * 1000:.1f} ms")
+    assert elapsed < healthy + 2 * TIMEOUT
+    d.wait_for_log(r"Warning: dovenotify: 1 event\(s\) not sent")
+
+
+def test_delivery_with_listener_that_never_reads(timed: tuple[Dovecot, float], scratch: Path):
+    d, healthy = timed
+    with EventSink(scratch / "events.sock", hang=True) as sink:
+        elapsed = median_delivery(d)
+        connections = sink.connections
+    print(f"LMTP delivery, listener never reads: {elapsed * 1000:.1f} ms")
+    assert elapsed < healthy + 2 * TIMEOUT
+    # A few lines fit in the socket buffer: the send completes, nothing to warn about.
+    assert connections == ROUNDS
+    assert warnings(d) == []
+
+
+def test_send_larger_than_socket_buffer_stops_at_timeout(
+    dovecot_factory: StartDovecot, scratch: Path
+):
+    padded = write_script(scratch, "padded.lua", PADDING)
+    d = dovecot_factory(extra_conf=driver_conf(scratch, lua_script=padded, timeout=TIMEOUT))
+    with EventSink(scratch / "events.sock", hang=True):
+        deliver(d, "alice", MESSAGE)  # creates INBOX
+        elapsed = median_delivery(d)
+    print(f"LMTP delivery, 1 MB to a listener that never reads: {elapsed * 1000:.1f} ms")
+    assert TIMEOUT * 0.9 < elapsed < 2 * TIMEOUT
+    d.wait_for_log(r"Warning: dovenotify: \d+ event\(s\) not sent to .*send: timeout after \d+ of")

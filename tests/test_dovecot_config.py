@@ -9,11 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 import dovenotify
 from dovenotify import dovecot_config
 from dovenotify.dovecot_config import installed_dovecot_version, render, render_example
 from tests.harness.dovecot import make_root, write_config
+from tests.harness.imap_client import ImapClient
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_DOVECOT = shutil.which("doveconf") is not None
@@ -155,3 +158,75 @@ def test_installed_dovecot_version_errors(tmp_path: Path, output: str, status: i
 def test_installed_dovecot_version_without_dovecot(tmp_path: Path):
     with pytest.raises(ValueError, match="is Dovecot installed"):
         installed_dovecot_version(str(tmp_path / "no-such-dovecot"))
+
+
+# --- the snippet in a running Dovecot, through the simulated iPhone -----------
+
+PASS_THROUGH_HELPER = """\
+#!/bin/sh
+while [ "$#" -gt 0 ]; do
+  case "$1" in --socket|--timeout|--user-field) shift 2 ;; *) break ;; esac
+done
+echo "pass-through helper for $USER" >&2
+exec "$@"
+"""
+
+
+@pytest.mark.skipif(not HAVE_DOVECOT or os.geteuid() != 0, reason="needs Dovecot and root")
+async def test_tls_login_through_the_post_login_service_advertises_push(
+    dovecot_factory, root: Path
+):
+    helper = root / "pass-through.sh"
+    helper.write_text(PASS_THROUGH_HELPER)
+    helper.chmod(0o755)
+    snippet = render(
+        HOST_VERSION,
+        **{**ARGS, "helper_command": [str(helper)], "lua_script": root / "absent.lua"},
+    )
+    d = dovecot_factory(extra_conf=snippet)
+    client = await ImapClient.connect(d.host, d.imaps_port, ssl_context=d.client_ssl_context())
+    await client.login("alice", "secret")
+    assert "XAPPLEPUSHSERVICE" in await client.capability()
+    await client.logout()
+    # The session really went through script-login and the helper.
+    d.wait_for_log(r"pass-through helper for alice")
+
+
+async def test_simulated_iphone_sends_the_ios_form():
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+
+    async def server() -> bytes:
+        await server_stream.send_all(b"* OK ready\r\n")
+        received = b""
+        while not received.endswith(b"\r\n"):
+            received += await server_stream.receive_some()
+        tag = received.split(b" ", 1)[0]
+        await server_stream.send_all(
+            b'* XAPPLEPUSHSERVICE aps-version "2" aps-topic "com.apple.mail.XServer.x"\r\n'
+            + tag
+            + b" OK XAPPLEPUSHSERVICE completed.\r\n"
+        )
+        return received
+
+    async with trio.open_nursery() as nursery:
+        received: list[bytes] = []
+
+        async def run_server() -> None:
+            received.append(await server())
+
+        nursery.start_soon(run_server)
+        client = ImapClient(client_stream)
+        client.greeting = await client.read_response()
+        reply = await client.xapplepushservice(
+            "0715A26B-CA09-4730-A419-793000CA982E", "29" * 32, ["INBOX", "Notes"]
+        )
+    assert received[0] == (
+        b'A1 XAPPLEPUSHSERVICE "aps-version" "2"'
+        b' "aps-account-id" "0715A26B-CA09-4730-A419-793000CA982E"'
+        b' "aps-device-token" "' + b"29" * 32 + b'"'
+        b' "aps-subtopic" "com.apple.mobilemail" "mailboxes" ("INBOX" "Notes")\r\n'
+    )
+    assert reply.ok
+    assert reply.untagged_starting(b"XAPPLEPUSHSERVICE") == [
+        b'* XAPPLEPUSHSERVICE aps-version "2" aps-topic "com.apple.mail.XServer.x"'
+    ]

@@ -3,7 +3,8 @@
 
 # Dovecot and the Lua socket library the driver script uses; python3 is the
 # system Python the post-login helper runs under.
-TEST_PACKAGES=(dovecot-core dovecot-imapd dovecot-lmtpd dovecot-sieve lua-socket python3 python3-venv)
+TEST_PACKAGES=(dovecot-core dovecot-imapd dovecot-lmtpd dovecot-sieve lua-socket python3 python3-venv
+    supervisor)
 
 ensure_debian_packages() {
     local missing=() package

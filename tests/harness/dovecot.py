@@ -45,13 +45,17 @@ START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
 
 
-def free_port() -> int:
-    # Bind port 0 and let it go: Dovecot binds it a moment later. A race with
-    # another process is possible but rare on loopback, and shows up as a clear
-    # "Address already in use" in the start error.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (all bound at once, so no duplicates).
+
+    They are released before Dovecot binds them: another process could take one
+    in between, which is rare on loopback and shows up as "Address already in use".
+    """
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 def make_root(prefix: str = "dovenotify-") -> Path:
@@ -69,7 +73,7 @@ class Ports:
 
     @classmethod
     def pick(cls) -> Ports:
-        return cls(free_port(), free_port(), free_port())
+        return cls(*free_ports(3))
 
 
 @attrs.frozen

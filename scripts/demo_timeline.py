@@ -27,7 +27,7 @@ async def timeline() -> None:
     with tempfile.TemporaryDirectory(prefix="dovenotify-demo-pki-") as pki_dir:
         pki = make_test_pki(Path(pki_dir))
         say(start, f"made a test CA and an Apple-shaped certificate (topic {pki.client.topic})")
-        async with run_stack(pki) as stack:
+        async with run_stack(pki, version=None) as stack:
             say(
                 start,
                 f"Dovecot {stack.dovecot.version} (pid {stack.dovecot.pid}), dovenotify serve"

@@ -6,6 +6,6 @@ this file only makes them visible to pytest.
 
 from tests.harness.apns_standin import apns_standin
 from tests.harness.certs import test_pki
-from tests.harness.dovecot import dovecot, dovecot_factory
+from tests.harness.dovecot import dovecot, dovecot_factory, dovecot_version
 
-__all__ = ["apns_standin", "dovecot", "dovecot_factory", "test_pki"]
+__all__ = ["apns_standin", "dovecot", "dovecot_factory", "dovecot_version", "test_pki"]

@@ -10,7 +10,7 @@ import os
 import shutil
 import socket
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,6 @@ from tests.harness.dovecot import (
     EventSink,
     StartDovecot,
     deliver,
-    dovecot_version,
     make_root,
 )
 from tests.harness.imap_client import ImapClient
@@ -33,7 +32,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs Dovecot installed and root to start it",
 )
 
-SCRIPT = Path(dovenotify.__file__).parent / "dovecot" / "dovenotify.lua"
+PACKAGE_SCRIPT = Path(dovenotify.__file__).parent / "dovecot" / "dovenotify.lua"
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nhi\r\n"
 
 # Continues the login chain without a relay, so IMAP works through the rendered
@@ -81,37 +80,48 @@ end
 
 @pytest.fixture
 def scratch() -> Iterator[Path]:
-    """A directory for the event socket and test scripts, readable by Dovecot's users."""
+    """A directory for the event socket and test scripts, readable by Dovecot's users.
+
+    It holds a copy of the driver script: Dovecot in the other version's chroot
+    sees only /tmp of the host.
+    """
     root = make_root("dovenotify-events-")
+    shutil.copyfile(PACKAGE_SCRIPT, root / "dovenotify.lua")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
 
 def write_script(scratch: Path, name: str, text: str, mode: int = 0o644) -> Path:
     path = scratch / name
-    path.write_text(text.format(script=SCRIPT))
+    path.write_text(text.format(script=scratch / "dovenotify.lua"))
     path.chmod(mode)
     return path
 
 
-def driver_conf(
-    scratch: Path,
-    *,
-    lua_script: Path = SCRIPT,
-    timeout: float = 0.2,
-    user_field: str | None = None,
-) -> str:
-    helper = write_script(scratch, "pass-through.sh", PASS_THROUGH, 0o755)
-    return render(
-        dovecot_version(),
-        lua_script=lua_script,
-        event_socket=scratch / "events.sock",
-        event_timeout=timeout,
-        helper_command=[str(helper)],
-        relay_socket=scratch / "relay.sock",
-        relay_timeout=0.5,
-        user_field=user_field,
-    )
+DriverConf = Callable[..., str]
+
+
+@pytest.fixture
+def driver_conf(scratch: Path, dovecot_version: str) -> DriverConf:
+    """`driver_conf(lua_script=, timeout=, user_field=)`: the rendered snippet for the
+    Dovecot under test, its event socket in `scratch`."""
+
+    def conf(
+        *, lua_script: Path | None = None, timeout: float = 0.2, user_field: str | None = None
+    ) -> str:
+        helper = write_script(scratch, "pass-through.sh", PASS_THROUGH, 0o755)
+        return render(
+            dovecot_version,
+            lua_script=lua_script or scratch / "dovenotify.lua",
+            event_socket=scratch / "events.sock",
+            event_timeout=timeout,
+            helper_command=[str(helper)],
+            relay_socket=scratch / "relay.sock",
+            relay_timeout=0.5,
+            user_field=user_field,
+        )
+
+    return conf
 
 
 async def imap_login(d: Dovecot, user: str = "alice") -> ImapClient:
@@ -124,8 +134,10 @@ async def wait_lines(sink: EventSink, predicate) -> None:
     await trio.to_thread.run_sync(sink.wait_for, predicate)
 
 
-def test_lmtp_delivery_sends_one_message_new(dovecot_factory: StartDovecot, scratch: Path):
-    d = dovecot_factory(extra_conf=driver_conf(scratch))
+def test_lmtp_delivery_sends_one_message_new(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
+    d = dovecot_factory(extra_conf=driver_conf())
     with EventSink(scratch / "events.sock") as sink:
         deliver(d, "alice", MESSAGE)
         deliver(d, "alice", MESSAGE)
@@ -139,8 +151,10 @@ def test_lmtp_delivery_sends_one_message_new(dovecot_factory: StartDovecot, scra
     ]
 
 
-async def test_imap_append_sends_message_append(dovecot_factory: StartDovecot, scratch: Path):
-    d = dovecot_factory(extra_conf=driver_conf(scratch))
+async def test_imap_append_sends_message_append(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
+    d = dovecot_factory(extra_conf=driver_conf())
     with EventSink(scratch / "events.sock") as sink:
         client = await imap_login(d)
         assert (await client.append("INBOX", MESSAGE)).ok
@@ -150,8 +164,10 @@ async def test_imap_append_sends_message_append(dovecot_factory: StartDovecot, s
     assert all(line.endswith("\timap\n") for line in sink.lines)
 
 
-async def test_mailbox_names_are_escaped(dovecot_factory: StartDovecot, scratch: Path):
-    d = dovecot_factory(extra_conf=driver_conf(scratch))
+async def test_mailbox_names_are_escaped(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
+    d = dovecot_factory(extra_conf=driver_conf())
     with EventSink(scratch / "events.sock") as sink:
         client = await imap_login(d)
         assert (await client.command('CREATE "100% sure"')).ok
@@ -166,20 +182,24 @@ async def test_mailbox_names_are_escaped(dovecot_factory: StartDovecot, scratch:
     assert "MailboxRename\talice\tEntwürfe 100%25\timap\t100%25 sure\n" in sink.lines
 
 
-def test_control_characters_are_escaped(dovecot_factory: StartDovecot, scratch: Path):
+def test_control_characters_are_escaped(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
     # Dovecot refuses control characters in new mailbox names, but old
     # mailboxes on disk may have them: feed one through the driver in Dovecot.
     probe = write_script(scratch, "probe.lua", CONTROL_CHARACTERS_PROBE)
-    d = dovecot_factory(extra_conf=driver_conf(scratch, lua_script=probe))
+    d = dovecot_factory(extra_conf=driver_conf(lua_script=probe))
     with EventSink(scratch / "events.sock") as sink:
         deliver(d, "alice", MESSAGE)
         sink.wait_for(lambda s: any("MailboxDelete" in line for line in s.lines))
     assert "MailboxDelete\talice\ta%09b%0D%0Ac%25d\tlmtp\n" in sink.lines
 
 
-async def test_empty_flags_clear_is_not_sent(dovecot_factory: StartDovecot, scratch: Path):
+async def test_empty_flags_clear_is_not_sent(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
     probe = write_script(scratch, "probe.lua", FLAGS_CLEAR_PROBE)
-    d = dovecot_factory(extra_conf=driver_conf(scratch, lua_script=probe))
+    d = dovecot_factory(extra_conf=driver_conf(lua_script=probe))
     deliver(d, "alice", MESSAGE)  # no listener yet: this event is dropped
     with EventSink(scratch / "events.sock") as sink:
         client = await imap_login(d)
@@ -200,9 +220,11 @@ async def test_empty_flags_clear_is_not_sent(dovecot_factory: StartDovecot, scra
     assert "FlagsClear\talice\tINBOX\timap\n" in sink.lines
 
 
-async def test_user_field_replaces_the_username(dovecot_factory: StartDovecot, scratch: Path):
+async def test_user_field_replaces_the_username(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
     d = dovecot_factory(
-        extra_conf=driver_conf(scratch, user_field="push_user"),
+        extra_conf=driver_conf(user_field="push_user"),
         userdb_fields={"alice": {"push_user": "alice@example.org"}},
     )
     with EventSink(scratch / "events.sock") as sink:
@@ -233,9 +255,11 @@ def warnings(d: Dovecot) -> list[str]:
 
 
 @pytest.fixture
-def timed(dovecot_factory: StartDovecot, scratch: Path) -> tuple[Dovecot, float]:
+def timed(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+) -> tuple[Dovecot, float]:
     """Dovecot with the driver, and its median delivery time to a healthy listener."""
-    d = dovecot_factory(extra_conf=driver_conf(scratch, timeout=TIMEOUT))
+    d = dovecot_factory(extra_conf=driver_conf(timeout=TIMEOUT))
     with EventSink(scratch / "events.sock") as sink:
         deliver(d, "alice", MESSAGE)  # first delivery creates INBOX: not typical
         healthy = median_delivery(d)
@@ -293,10 +317,10 @@ def test_delivery_with_listener_that_never_reads(timed: tuple[Dovecot, float], s
 
 
 def test_send_larger_than_socket_buffer_stops_at_timeout(
-    dovecot_factory: StartDovecot, scratch: Path
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
 ):
     padded = write_script(scratch, "padded.lua", PADDING)
-    d = dovecot_factory(extra_conf=driver_conf(scratch, lua_script=padded, timeout=TIMEOUT))
+    d = dovecot_factory(extra_conf=driver_conf(lua_script=padded, timeout=TIMEOUT))
     with EventSink(scratch / "events.sock", hang=True):
         deliver(d, "alice", MESSAGE)  # creates INBOX
         elapsed = median_delivery(d)

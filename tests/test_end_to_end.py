@@ -12,8 +12,8 @@ ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
 TOKEN = "2918390218931890821908309283098109381029309829018310983092892829"
 
 
-async def test_register_deliver_push(test_pki):
-    async with run_stack(test_pki) as stack:
+async def test_register_deliver_push(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
         phone = await stack.iphone("alice")
         assert "XAPPLEPUSHSERVICE" in await phone.capability()
         reply = await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])

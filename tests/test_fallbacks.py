@@ -5,16 +5,18 @@ import socket
 import time
 from pathlib import Path
 
-from tests.harness.dovecot import deliver, dovecot_version, make_root
+from tests.harness.dovecot import deliver, make_root
 from tests.harness.imap_client import ImapClient
 from tests.harness.stack import dovecot_snippet, service_settings
 
 
-async def test_login_and_delivery_work_with_the_service_down(dovecot_factory, test_pki):
+async def test_login_and_delivery_work_with_the_service_down(
+    dovecot_factory, dovecot_version, test_pki
+):
     root = make_root("dovenotify-down-")
     try:
-        settings = service_settings(root, test_pki, "https://127.0.0.1:9")
-        dovecot = dovecot_factory(extra_conf=dovecot_snippet(root, settings, dovecot_version()))
+        settings = service_settings(root, test_pki, "https://127.0.0.1:9", dovecot_version)
+        dovecot = dovecot_factory(extra_conf=dovecot_snippet(root, settings, dovecot_version))
 
         started = time.perf_counter()
         client = await ImapClient.connect(
@@ -36,11 +38,11 @@ async def test_login_and_delivery_work_with_the_service_down(dovecot_factory, te
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def test_login_goes_on_when_the_relay_hangs(dovecot_factory, test_pki):
+async def test_login_goes_on_when_the_relay_hangs(dovecot_factory, dovecot_version, test_pki):
     root = make_root("dovenotify-hung-")
     try:
-        settings = service_settings(root, test_pki, "https://127.0.0.1:9")
-        dovecot = dovecot_factory(extra_conf=dovecot_snippet(root, settings, dovecot_version()))
+        settings = service_settings(root, test_pki, "https://127.0.0.1:9", dovecot_version)
+        dovecot = dovecot_factory(extra_conf=dovecot_snippet(root, settings, dovecot_version))
         relay_path = Path(settings["relay_socket"])
         relay_path.parent.mkdir(mode=0o755)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as hung:

@@ -6,19 +6,25 @@ ports, virtual users from a passwd-file, maildir mail owned by nobody:nogroup an
 a log file. The base configuration for 2.3 and for 2.4 lives in `base_config`;
 tests add their own settings with `extra_conf`.
 
+Both Dovecot versions run on every host: the host's own, and the other one from
+a Debian chroot (tests/harness/chroot.py). The `dovecot_version` fixture is
+parametrized over both, and `dovecot`/`dovecot_factory` use it, so a test that
+takes either runs once per version. The chroot sees the host's /tmp and nothing
+else of it: keep every file Dovecot must read (scripts, helpers, sockets) under
+/tmp, e.g. in a `make_root()` directory.
+
     def test_x(dovecot):                      # alice/secret and bob/secret
         deliver(dovecot, "alice", b"Subject: hi\\r\\n\\r\\nhello\\r\\n")
 
-    def test_y(dovecot_factory):
-        d = dovecot_factory(extra_conf=render("2.3", ...), userdb_fields={...})
+    def test_y(dovecot_factory, dovecot_version):
+        d = dovecot_factory(extra_conf=render(dovecot_version, ...), userdb_fields={...})
 """
 
 from __future__ import annotations
 
 import contextlib
-import grp
+import functools
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -36,13 +42,75 @@ import attrs
 import pytest
 import trustme
 
-from dovenotify.dovecot_config import installed_dovecot_version as dovecot_version
+from dovenotify.dovecot_config import VERSIONS, installed_dovecot_version
+from tests.harness import chroot
 
 MAIL_USER = "nobody"
 MAIL_GROUP = "nogroup"
 DEFAULT_USERS: Mapping[str, str] = {"alice": "secret", "bob": "secret"}
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 10.0
+
+
+@attrs.frozen
+class Installation:
+    """A Dovecot the tests can run: the host's (chroot None) or the other version's."""
+
+    version: str
+    chroot: Path | None = None
+
+    def command(self, *argv: str) -> list[str]:
+        """`argv` as run against this installation (its binaries, its users)."""
+        return [*(chroot.command_prefix(self.chroot) if self.chroot else []), *argv]
+
+    def _etc(self, name: str) -> Path:
+        return (self.chroot or Path("/")) / "etc" / name
+
+    def uid(self, user: str) -> int:
+        # The chroot has its own /etc/passwd: its dovecot user's uid can differ.
+        return _id_from(self._etc("passwd"), user)
+
+    def gid(self, group: str) -> int:
+        return _id_from(self._etc("group"), group)
+
+
+def _id_from(database: Path, name: str) -> int:
+    for line in database.read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == name:
+            return int(fields[2])
+    raise KeyError(f"no {name!r} in {database}")
+
+
+@functools.cache
+def host_dovecot_version() -> str:
+    return installed_dovecot_version()
+
+
+# One answer per version per test run, failures included: a chroot that cannot be
+# built fails every test that needs it with the same reason, without retrying.
+_installations: dict[str, Installation | chroot.ChrootError] = {}
+
+
+def installation(version: str | None = None) -> Installation:
+    """The Dovecot `version` ("2.3" or "2.4"; None: the host's), building its chroot if needed."""
+    host = host_dovecot_version()
+    version = version or host
+    if version not in _installations:
+        if version == host:
+            _installations[version] = Installation(version)
+        else:
+            target = chroot.other_target(host)
+            if version != target.version:
+                raise ValueError(f"unsupported Dovecot version {version!r}; expected {VERSIONS}")
+            try:
+                _installations[version] = Installation(version, chroot.ensure(target))
+            except chroot.ChrootError as e:
+                _installations[version] = e
+    found = _installations[version]
+    if isinstance(found, chroot.ChrootError):
+        raise found
+    return found
 
 
 def free_ports(count: int) -> list[int]:
@@ -167,8 +235,8 @@ service lmtp {{
 }}
 """
     if version == "2.4":
-        # Written from the 2.4 documentation and source (settings renamed,
-        # named passdb/userdb blocks, boolean lists); not run on this host.
+        # Settings renamed, named passdb/userdb blocks, boolean lists; checked
+        # against 2.4.1 in the chroot (tests/harness/chroot.py).
         return f"""\
 dovecot_config_version = 2.4.0
 dovecot_storage_version = 2.4.0
@@ -223,9 +291,10 @@ def passwd_file(
     layout: Layout,
     users: Mapping[str, str],
     userdb_fields: Mapping[str, Mapping[str, str]],
+    uid: int,
+    gid: int,
 ) -> str:
     """passwd-file lines: user:{PLAIN}password:uid:gid::home::userdb_extra_fields."""
-    uid, gid = pwd.getpwnam(MAIL_USER).pw_uid, grp.getgrnam(MAIL_GROUP).gr_gid
     lines = []
     for name, password in users.items():
         extra = " ".join(f"userdb_{k}={v}" for k, v in userdb_fields.get(name, {}).items())
@@ -243,8 +312,8 @@ def write_config(
     extra_conf: str = "",
     ca: trustme.CA | None = None,
 ) -> Path:
-    """Write everything an instance needs into `root`; return the config path."""
-    version = version or dovecot_version()
+    """Write what Dovecot `version` (None: the host's) needs into `root`; return the conf path."""
+    dovecot = installation(version)
     layout = Layout(root)
     ports = ports or Ports.pick()
     ca = ca or trustme.CA()
@@ -253,11 +322,12 @@ def write_config(
     cert.cert_chain_pems[0].write_to_path(str(layout.cert))
     for pem in cert.cert_chain_pems[1:]:
         pem.write_to_path(str(layout.cert), append=True)
-    layout.passwd.write_text(passwd_file(layout, users, userdb_fields or {}))
+    uid, gid = dovecot.uid(MAIL_USER), dovecot.gid(MAIL_GROUP)
+    layout.passwd.write_text(passwd_file(layout, users, userdb_fields or {}, uid, gid))
     layout.homes.mkdir(exist_ok=True)
-    shutil.chown(layout.homes, MAIL_USER, MAIL_GROUP)
+    os.chown(layout.homes, uid, gid)
     layout.homes.chmod(0o755)
-    config = base_config(version, layout, ports)
+    config = base_config(dovecot.version, layout, ports)
     if extra_conf:
         config += "\n# --- extra_conf ---\n" + extra_conf
     layout.conf.write_text(config)
@@ -267,7 +337,7 @@ def write_config(
 @attrs.define
 class Dovecot:
     root: Path
-    version: str
+    installation: Installation
     imap_port: int
     imaps_port: int
     lmtp_port: int
@@ -278,6 +348,10 @@ class Dovecot:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def version(self) -> str:
+        return self.installation.version
 
     @property
     def layout(self) -> Layout:
@@ -356,22 +430,23 @@ def _await_ready(d: Dovecot) -> None:
 def start_dovecot(
     root: Path,
     *,
+    version: str | None = None,
     users: Mapping[str, str] = DEFAULT_USERS,
     userdb_fields: Mapping[str, Mapping[str, str]] | None = None,
     extra_conf: str = "",
     ca: trustme.CA | None = None,
 ) -> Dovecot:
-    """Start Dovecot in the foreground (`dovecot -F`) with its files in `root`.
+    """Start Dovecot `version` (None: the host's) in the foreground, its files in `root`.
 
-    `root` must be traversable by Dovecot's users (see `make_root`).
+    `root` must be under /tmp and traversable by Dovecot's users (see `make_root`).
     `userdb_fields` adds userdb extra fields per user, e.g. {"alice": {"push": "a@x"}}.
     """
-    version = dovecot_version()
+    dovecot = installation(version)
     ports = Ports.pick()
     ca = ca or trustme.CA()
     conf = write_config(
         root,
-        version=version,
+        version=dovecot.version,
         ports=ports,
         users=users,
         userdb_fields=userdb_fields,
@@ -381,12 +456,12 @@ def start_dovecot(
     layout = Layout(root)
     with layout.stderr.open("wb") as stderr:
         process = subprocess.Popen(
-            ["dovecot", "-F", "-c", str(conf)],
+            dovecot.command("dovecot", "-F", "-c", str(conf)),
             stdin=subprocess.DEVNULL,
             stdout=stderr,
             stderr=stderr,
         )
-    d = Dovecot(root, version, ports.imap, ports.imaps, ports.lmtp, ca, process)
+    d = Dovecot(root, dovecot, ports.imap, ports.imaps, ports.lmtp, ca, process)
     try:
         _await_ready(d)
     except BaseException:
@@ -505,15 +580,29 @@ class EventSink:
 StartDovecot = Callable[..., Dovecot]
 
 
+@pytest.fixture(params=VERSIONS, ids=lambda version: f"dovecot{version}")
+def dovecot_version(request: pytest.FixtureRequest) -> str:
+    """Each supported Dovecot version in turn: a test that takes this runs once per version.
+
+    The version the host does not run comes from a chroot that is built on first
+    use; if it cannot be built, the test fails with the reason (CI must test both).
+    """
+    installation(request.param)
+    return request.param
+
+
 @pytest.fixture
-def dovecot_factory() -> Iterator[StartDovecot]:
-    """A function `start(**start_dovecot kwargs) -> Dovecot`; all are stopped at teardown."""
+def dovecot_factory(dovecot_version: str) -> Iterator[StartDovecot]:
+    """A function `start(**start_dovecot kwargs) -> Dovecot`; all are stopped at teardown.
+
+    Starts the `dovecot_version` under test unless given `version=`.
+    """
     started: list[tuple[Path, Dovecot]] = []
 
     def start(**kwargs) -> Dovecot:
         root = make_root()
         try:
-            d = start_dovecot(root, **kwargs)
+            d = start_dovecot(root, **{"version": dovecot_version, **kwargs})
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise

@@ -19,7 +19,7 @@ from dovenotify.cli import install_dovecot_files
 from dovenotify.dovecot_config import render
 from tests.harness.apns_standin import ApnsStandin, run_apns_standin
 from tests.harness.certs import Pki
-from tests.harness.dovecot import Dovecot, dovecot_version, make_root, start_dovecot
+from tests.harness.dovecot import Dovecot, installation, make_root, start_dovecot
 from tests.harness.imap_client import ImapClient
 from tests.harness.service import RunningService, run_service
 
@@ -46,11 +46,18 @@ class Stack:
         return client
 
 
-def service_settings(root: Path, pki: Pki, standin_url: str) -> dict[str, Any]:
+def service_settings(
+    root: Path, pki: Pki, standin_url: str, dovecot_version: str | None = None
+) -> dict[str, Any]:
+    """Settings for `dovenotify serve` beside Dovecot `dovecot_version` (None: the host's)."""
+    # The post-login helper runs as Dovecot's internal user, whose uid in the
+    # other version's chroot need not be the host's "dovecot".
+    helper_uid = installation(dovecot_version).uid("dovecot")
     return {
         "database": str(root / "registrations.sqlite"),
         "event_socket": str(root / "run" / "events.sock"),
         "relay_socket": str(root / "run" / "relay.sock"),
+        "relay_peers": ["root", str(helper_uid)],
         "apns": {
             "certificate": str(pki.client.combined_pem),
             "endpoint": standin_url,
@@ -77,16 +84,25 @@ def dovecot_snippet(root: Path, settings: Mapping[str, Any], version: str) -> st
 
 @asynccontextmanager
 async def run_stack(
-    pki: Pki, overrides: Mapping[str, Any] | None = None, **standin_options: Any
+    pki: Pki,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    version: str | None,
+    **standin_options: Any,
 ) -> AsyncIterator[Stack]:
+    """The whole stack on Dovecot `version`: pass the `dovecot_version` fixture, so the
+    test runs on both versions (None, the host's, is for scripts)."""
     root = make_root("dovenotify-stack-")
     try:
         async with run_apns_standin(pki, **standin_options) as standin:
-            settings = {**service_settings(root, pki, standin.url), **(overrides or {})}
-            snippet = dovecot_snippet(root, settings, dovecot_version())
+            settings = {
+                **service_settings(root, pki, standin.url, version),
+                **(overrides or {}),
+            }
+            snippet = dovecot_snippet(root, settings, installation(version).version)
             (root / "dovecot").mkdir(mode=0o755)
             dovecot = await trio.to_thread.run_sync(
-                lambda: start_dovecot(root / "dovecot", extra_conf=snippet)
+                lambda: start_dovecot(root / "dovecot", version=version, extra_conf=snippet)
             )
             try:
                 async with run_service(root / "service", settings) as service:

@@ -194,6 +194,10 @@ def _registration(row: Iterable[object]) -> Registration:
 
 
 def open_store(database: str) -> SQLiteStore:
+    """The store for `database`: a SQLite file path, or a postgresql:// URL."""
     if database.startswith(("postgresql://", "postgres://")):
-        raise StoreError("PostgreSQL is not supported yet; use a SQLite file path")
+        # Imported here so that SQLite-only sites need no PostgreSQL driver loaded.
+        from .store_postgres import PostgresStore
+
+        return PostgresStore(database)  # type: ignore[return-value]
     return SQLiteStore(Path(database))

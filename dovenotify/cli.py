@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import cli_db, dovecot_config
 from . import config as configuration
-from . import dovecot_config
 from .store import StoreError, iso, open_store
 
 DOVECOT_FILES = ("dovenotify.lua", "postlogin.py")
@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_command(commands, "serve", "Run the service (under supervisord or systemd).", _serve)
+    cli_db.register(commands)
 
     devices = add_command(commands, "devices", "List registered devices.", _devices)
     devices.add_argument("--user", help="only this user's devices")

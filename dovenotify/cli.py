@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cli_db, dovecot_config
+from . import cli_db, cli_doctor, dovecot_config
 from . import config as configuration
 from .store import StoreError, iso, open_store
 
@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also copy the Lua script and the post-login helper to dovecot_files",
     )
+    cli_doctor.register(commands)
     return parser
 
 

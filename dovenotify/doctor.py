@@ -1,0 +1,592 @@
+"""`dovenotify doctor`: check a real installation end to end, one verdict per check.
+
+Each check is a function taking what earlier checks learnt (`Findings`) and
+returning a `Verdict`: a one-line summary and, when it failed, the fix. Checks
+act as the users Dovecot runs things as (the mail uid for the Lua driver,
+Dovecot's internal user for the post-login helper), because "root can do it" is
+how most broken installations look healthy. Nothing here sends a push or
+changes a registration.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import json
+import os
+import pwd
+import re
+import socket
+import ssl
+import stat
+import subprocess
+from collections.abc import Callable, Sequence
+from datetime import UTC
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import attrs
+import h2.config
+import h2.connection
+import h2.events
+
+from . import certificates
+from . import config as configuration
+from .dovecot_config import PLUGINS, VERSIONS
+from .store import StoreError, open_store
+
+TIMEOUT = 5.0
+RENEW_WARNING_DAYS = 30
+
+
+@attrs.frozen
+class Verdict:
+    check: str
+    ok: bool
+    summary: str
+    fix: str = ""
+
+
+@attrs.frozen
+class DovecotFacts:
+    """What `doveconf` says about the parts of Dovecot's configuration dovenotify needs."""
+
+    version: str
+    mail_user: str
+    internal_user: str
+    lua_script: Path | None
+    event_socket: Path | None
+    relay_socket: Path | None
+    mail_plugin_dir: Path
+
+
+@attrs.define
+class Findings:
+    config_path: Path
+    doveconf: Sequence[str]
+    mail_user: str | None = None
+    config: configuration.Config | None = None
+    credentials: certificates.Credentials | None = None
+    dovecot: DovecotFacts | None = None
+
+
+Check = Callable[[Findings], Verdict]
+
+
+def run(findings: Findings) -> list[Verdict]:
+    return [check(findings) for check in CHECKS]
+
+
+# --- the checks, in the order an admin would fix things ----------------------
+
+
+def check_config(f: Findings) -> Verdict:
+    try:
+        f.config = configuration.load(f.config_path)
+    except configuration.ConfigError as e:
+        return Verdict("config", False, str(e), "correct the key on the line named above")
+    return Verdict("config", True, f"{f.config_path} is valid")
+
+
+def check_certificate(f: Findings) -> Verdict:
+    if f.config is None:
+        return _skipped("certificate", "config")
+    apns = f.config.apns
+    if apns.certificate is None:
+        return Verdict(
+            "certificate",
+            False,
+            "no APNs certificate is configured",
+            "set apns.certificate (and apns.key) in " + str(f.config_path),
+        )
+    try:
+        password = apns.password_file.read_bytes().rstrip(b"\r\n") if apns.password_file else None
+        credentials = certificates.load_credentials(apns.certificate, apns.key, password)
+    except (certificates.CertificateError, OSError) as e:
+        return Verdict("certificate", False, str(e), "point apns.certificate at a usable file")
+    f.credentials = credentials
+    days = credentials.days_left()
+    expiry = credentials.not_after.astimezone(UTC).date().isoformat()
+    if days < 0:
+        return Verdict(
+            "certificate",
+            False,
+            f"topic {credentials.topic} expired on {expiry} ({-days:.0f} days ago)",
+            "APNs refuses expired certificates: install a current one (README: Certificates)",
+        )
+    summary = f"topic {credentials.topic}, {days:.0f} days left (until {expiry})"
+    if days < RENEW_WARNING_DAYS:
+        summary += "; renew it soon"
+    return Verdict("certificate", True, summary)
+
+
+def check_dovecot(f: Findings) -> Verdict:
+    try:
+        facts = read_dovecot(f.doveconf, f.mail_user)
+    except DoveconfError as e:
+        return Verdict(
+            "dovecot", False, str(e), "fix Dovecot's configuration until doveconf -n works"
+        )
+    problems = dovecot_problems(f.doveconf, facts, f.config)
+    f.dovecot = facts
+    if problems:
+        return Verdict(
+            "dovecot",
+            False,
+            "; ".join(problems),
+            "install the output of `dovenotify dovecot-config` in conf.d and reload Dovecot",
+        )
+    return Verdict(
+        "dovecot",
+        True,
+        f"Dovecot {facts.version}: plugins, Lua driver, capability and post-login helper set",
+    )
+
+
+def check_sockets(f: Findings) -> Verdict:
+    if f.config is None or f.dovecot is None:
+        return _skipped("sockets", "config" if f.config is None else "dovecot")
+    problems = [
+        problem
+        for path, user in (
+            (f.config.event_socket, f.dovecot.mail_user),
+            (f.config.relay_socket, f.dovecot.internal_user),
+        )
+        if (problem := socket_problem(path, user))
+    ]
+    if problems:
+        return Verdict(
+            "sockets",
+            False,
+            "; ".join(problems),
+            "start `dovenotify serve`; it creates both sockets mode 0666 in a directory "
+            "Dovecot's users can enter",
+        )
+    return Verdict(
+        "sockets",
+        True,
+        f"{f.config.event_socket} open to {f.dovecot.mail_user}, "
+        f"{f.config.relay_socket} open to {f.dovecot.internal_user}",
+    )
+
+
+def check_lua(f: Findings) -> Verdict:
+    if f.config is None or f.dovecot is None:
+        return _skipped("lua", "config" if f.config is None else "dovecot")
+    facts = f.dovecot
+    script = facts.lua_script or f.config.dovecot_files / "dovenotify.lua"
+    socket_path = facts.event_socket or f.config.event_socket
+    try:
+        library = lua_library(facts.mail_plugin_dir)
+    except LuaError as e:
+        return Verdict("lua", False, str(e), e.fix)
+    problem = as_user(facts.mail_user, lambda: run_lua_probe(library, script, socket_path))
+    if problem:
+        kind, _, detail = problem.partition(": ")
+        fix = LUA_FIXES.get(kind, "see the message above")
+        return Verdict("lua", False, f"as {facts.mail_user}: {detail or kind}", fix)
+    return Verdict(
+        "lua",
+        True,
+        f"as {facts.mail_user}, {library.name} loads {script} and lua-socket "
+        f"and connects to {socket_path}",
+    )
+
+
+LUA_FIXES = {
+    "script": "run `dovenotify dovecot-config --install`: the mail user must read the script",
+    "lua-socket": "apt-get install lua-socket",
+    "connect": "start `dovenotify serve`, and check event_socket matches dovenotify_socket",
+    "lua": "install Dovecot's Lua support (apt-get install dovecot-lua)",
+}
+
+
+def check_relay(f: Findings) -> Verdict:
+    if f.config is None or f.dovecot is None:
+        return _skipped("relay", "config" if f.config is None else "dovecot")
+    user = f.dovecot.internal_user
+    path, timeout = f.config.relay_socket, f.config.relay_timeout * 4
+    problem = as_user(user, lambda: probe_relay(path, timeout))
+    if problem == REFUSED:
+        return Verdict(
+            "relay",
+            False,
+            f"the relay at {path} hung up on {user} without answering",
+            f"add {user} to relay_peers in {f.config_path} and restart dovenotify",
+        )
+    if problem:
+        return Verdict("relay", False, f"as {user}: {problem}", "start `dovenotify serve`")
+    return Verdict("relay", True, f"the relay at {path} accepts connections from {user}")
+
+
+def check_apns(f: Findings) -> Verdict:
+    if f.config is None or f.credentials is None:
+        return _skipped("apns", "config" if f.config is None else "certificate")
+    endpoint = f.config.apns.endpoint
+    problem = apns_handshake(f.credentials, endpoint, f.config.apns.ca_file)
+    if problem:
+        return Verdict(
+            "apns",
+            False,
+            f"{endpoint}: {problem}",
+            "check the certificate is Apple's and current, and that outgoing "
+            "port 443 is open (README: Troubleshooting)",
+        )
+    return Verdict("apns", True, f"{endpoint} accepts the certificate (no push sent)")
+
+
+def check_registrations(f: Findings) -> Verdict:
+    if f.config is None:
+        return _skipped("registrations", "config")
+    database = f.config.database
+    if "://" not in database and not Path(database).exists():
+        return Verdict(
+            "registrations",
+            False,
+            f"no database at {database}",
+            "start `dovenotify serve` once; it creates the database",
+        )
+    try:
+        store = open_store(database)
+        try:
+            devices = store.devices()
+        finally:
+            store.close()
+    except StoreError as e:
+        return Verdict("registrations", False, str(e), "check database in the configuration")
+    users = len({d.username for d in devices})
+    if not devices:
+        return Verdict(
+            "registrations",
+            True,
+            "no devices yet: on the iPhone, set the account to Push "
+            "(Settings > Mail > Accounts > Fetch New Data)",
+        )
+    return Verdict("registrations", True, f"{len(devices)} device(s) of {users} user(s)")
+
+
+CHECKS: tuple[Check, ...] = (
+    check_config,
+    check_certificate,
+    check_dovecot,
+    check_sockets,
+    check_lua,
+    check_relay,
+    check_apns,
+    check_registrations,
+)
+
+
+def _skipped(check: str, needs: str) -> Verdict:
+    return Verdict(check, False, f"not checked: the {needs} check failed", "fix that first")
+
+
+# --- Dovecot's configuration -------------------------------------------------
+
+
+class DoveconfError(Exception):
+    pass
+
+
+def doveconf(command: Sequence[str], *args: str) -> str:
+    try:
+        result = subprocess.run(
+            [*command, *args], capture_output=True, text=True, timeout=TIMEOUT * 2
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise DoveconfError(f"cannot run {command[0]}: {e}") from None
+    if result.returncode != 0:
+        message = (result.stderr.strip() or result.stdout.strip()).splitlines()
+        raise DoveconfError(f"`{' '.join(command)} {' '.join(args)}` failed: {message[-1:]}")
+    return result.stdout
+
+
+def read_dovecot(command: Sequence[str], mail_user: str | None) -> DovecotFacts:
+    def value(*args: str) -> str:
+        return doveconf(command, *args).strip()
+
+    # Parses the whole file, and its first line names the version: "# 2.3.19.1 (...)".
+    header = re.match(r"# (\d+\.\d+)\.", doveconf(command, "-n"))
+    if header is None or header[1] not in VERSIONS:
+        raise DoveconfError(f"this Dovecot is not {' or '.join(VERSIONS)}")
+    version = header[1]
+    if version == "2.3":
+        plugin = value("-f", "protocol=lmtp", "plugin")
+        driver = re.search(r"push_notification_driver\d* = lua:file=(\S+)", plugin)
+        lua_script = driver[1] if driver else None
+        event_socket = re.search(r"dovenotify_socket = (\S+)", plugin)
+    else:
+        try:
+            lua_script = value("-h", "push_notification/lua/lua_file") or None
+            settings = value("-n", "push_notification/lua")
+        except DoveconfError:
+            lua_script, settings = None, ""
+        event_socket = re.search(r"dovenotify_socket = (\S+)", settings)
+    helper = value("-h", "service/imap-postlogin/executable") if _has_postlogin(command) else ""
+    relay_socket = re.search(r"--socket (\S+)", helper)
+    return DovecotFacts(
+        version=version,
+        mail_user=mail_user or value("-h", "mail_uid"),
+        internal_user=value("-h", "default_internal_user"),
+        lua_script=Path(lua_script) if lua_script else None,
+        event_socket=Path(event_socket[1]) if event_socket else None,
+        relay_socket=Path(relay_socket[1]) if relay_socket else None,
+        mail_plugin_dir=Path(value("-h", "mail_plugin_dir")),
+    )
+
+
+def _has_postlogin(command: Sequence[str]) -> bool:
+    return "imap-postlogin" in doveconf(command, "-h", "service/imap/executable")
+
+
+def enabled(listing: str) -> set[str]:
+    """Names in a 2.3 space-separated list or a 2.4 boolean list (`name = yes`)."""
+    names = set()
+    for line in listing.splitlines():
+        if "=" in line:
+            name, _, flag = line.partition("=")
+            if flag.strip() == "yes":
+                names.add(name.strip().strip('"'))
+        else:
+            names.update(word.lstrip("+") for word in line.split())
+    return names
+
+
+def dovecot_problems(
+    command: Sequence[str], facts: DovecotFacts, config: configuration.Config | None
+) -> list[str]:
+    problems = []
+    for protocol in ("imap", "lmtp"):
+        plugins = enabled(doveconf(command, "-f", f"protocol={protocol}", "-h", "mail_plugins"))
+        missing = [p for p in PLUGINS if p not in plugins]
+        if missing:
+            problems.append(f"{protocol} lacks mail plugins {', '.join(missing)}")
+    if "XAPPLEPUSHSERVICE" not in enabled(
+        doveconf(command, "-f", "protocol=imap", "-h", "imap_capability")
+    ):
+        problems.append("imap_capability lacks XAPPLEPUSHSERVICE")
+    if facts.lua_script is None:
+        problems.append("no push_notification Lua driver is configured")
+    if facts.relay_socket is None:
+        problems.append("imap does not run the dovenotify post-login helper")
+    if config is not None:
+        for what, dovecots, ours, key in (
+            ("Lua driver", facts.event_socket, config.event_socket, "event_socket"),
+            ("post-login helper", facts.relay_socket, config.relay_socket, "relay_socket"),
+        ):
+            if dovecots is not None and dovecots != ours:
+                problems.append(f"the {what} uses {dovecots} but {key} is {ours}")
+    return problems
+
+
+# --- sockets, as the users that use them ------------------------------------
+
+
+def socket_problem(path: Path, user: str) -> str | None:
+    """Why `user` could not connect to the unix socket at `path`, or None."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"{path} is not a socket"
+    entry = _user(user)
+    groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+    for directory in reversed(path.parents):
+        if not _may(directory.stat(), entry.pw_uid, groups, 0o1):
+            return f"{user} cannot enter {directory}"
+    if not _may(st, entry.pw_uid, groups, 0o2):
+        return (
+            f"{user} may not write to {path} "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {_name(st.st_uid)})"
+        )
+    return None
+
+
+def _may(st: os.stat_result, uid: int, groups: set[int], bit: int) -> bool:
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & (bit << 6))
+    if st.st_gid in groups:
+        return bool(st.st_mode & (bit << 3))
+    return bool(st.st_mode & bit)
+
+
+def _user(user: str) -> pwd.struct_passwd:
+    return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+
+
+def _name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def as_user(user: str, work: Callable[[], str | None]) -> str | None:
+    """Run `work` in a child process with `user`'s uid, gid and groups; return its answer."""
+    try:
+        entry = _user(user)
+    except (KeyError, ValueError):
+        return f"user {user!r} does not exist"
+    if os.geteuid() != 0:
+        if entry.pw_uid == os.geteuid():
+            return work()
+        return f"run the doctor as root, so it can act as {user}"
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        answer = ""
+        try:
+            os.close(read_end)
+            os.initgroups(entry.pw_name, entry.pw_gid)
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+            answer = work() or ""
+        except BaseException as e:
+            answer = f"{type(e).__name__}: {e}"
+        finally:
+            os.write(write_end, answer.encode("utf-8", "replace"))
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return answer or None
+
+
+# --- the Lua driver's view ---------------------------------------------------
+
+
+class LuaError(Exception):
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
+
+
+def lua_library(plugin_dir: Path) -> Path:
+    """The Lua library Dovecot's mail_lua plugin is linked against."""
+    plugin = plugin_dir / "lib01_mail_lua_plugin.so"
+    if not plugin.exists():
+        raise LuaError(f"{plugin} is missing", LUA_FIXES["lua"])
+    try:
+        linked = subprocess.run(
+            ["ldd", str(plugin)], capture_output=True, text=True, timeout=TIMEOUT
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LuaError(f"cannot run ldd: {e}", "install libc-bin") from None
+    found = re.search(r"\bliblua[\w.-]*\.so[\d.]* => (\S+)", linked)
+    if found is None:
+        raise LuaError(f"cannot tell which Lua {plugin.name} uses", LUA_FIXES["lua"])
+    return Path(found[1])
+
+
+# Runs in the mail user's process. Errors start with a kind for LUA_FIXES.
+_LUA_PROBE = """
+local script, path = [==[%s]==], [==[%s]==]
+local chunk, err = loadfile(script)
+if not chunk then error("script: " .. tostring(err), 0) end
+local ok, loaded = pcall(chunk)
+if not ok then error("script: " .. tostring(loaded), 0) end
+local ok2, unix = pcall(require, "socket.unix")
+if not ok2 then error("lua-socket: " .. tostring(unix), 0) end
+local conn = (unix.stream or unix)()
+conn:settimeout(%g)
+local connected, cerr = conn:connect(path)
+conn:close()
+if not connected then error("connect: " .. path .. ": " .. tostring(cerr), 0) end
+"""
+
+
+def run_lua_probe(library: Path, script: Path, socket_path: Path) -> str | None:
+    """Load the driver script and lua-socket in the Lua Dovecot uses, then connect."""
+    # Global, as in Dovecot: C modules such as lua-socket resolve lua_* from it.
+    lua = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    lua.luaL_newstate.restype = ctypes.c_void_p
+    lua.lua_tolstring.restype = ctypes.c_char_p
+    lua.lua_tolstring.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+    state = ctypes.c_void_p(lua.luaL_newstate())
+    lua.luaL_openlibs(state)
+    code = (_LUA_PROBE % (script, socket_path, TIMEOUT)).encode()
+    failed = lua.luaL_loadstring(state, ctypes.c_char_p(code)) or lua.lua_pcallk(
+        state, 0, 0, 0, None, None
+    )
+    answer = " ".join(lua.lua_tolstring(state, -1, None).decode().split()) if failed else None
+    lua.lua_close(state)
+    return answer
+
+
+# --- the relay and APNs ------------------------------------------------------
+
+REFUSED = "refused"
+
+
+def probe_relay(path: Path, timeout: float) -> str | None:
+    """Hand the relay a connection the way the post-login helper does, minus the GO.
+
+    Without the final GO the relay lets go of the connection silently, as it does
+    when a helper gives up waiting, so a probe leaves no trace in any session.
+    """
+    ours, theirs = socket.socketpair()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.settimeout(timeout)
+            control.connect(str(path))
+            hello = json.dumps({"v": 1, "user": "dovenotify-doctor", "ip": ""}).encode()
+            fds = array.array("i", [theirs.fileno(), theirs.fileno()])
+            control.sendmsg([hello + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+            answer = control.recv(64)
+    except (BrokenPipeError, ConnectionResetError):
+        # The relay checks the peer's uid first and hangs up on strangers.
+        return REFUSED
+    except OSError as e:
+        return f"{path}: {e.strerror or e}"
+    finally:
+        ours.close()
+        theirs.close()
+    if answer == b"OK\n":
+        return None
+    return REFUSED if not answer else f"unexpected answer {answer[:40]!r}"
+
+
+def apns_handshake(
+    credentials: certificates.Credentials, endpoint: str, ca_file: Path | None
+) -> str | None:
+    """TLS with the client certificate, then HTTP/2 SETTINGS both ways; no request.
+
+    Under TLS 1.3 the server judges the client certificate after the client has
+    finished its handshake, so only the server's first HTTP/2 frame proves the
+    certificate was accepted.
+    """
+    url = urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or 443
+    try:
+        context = certificates.client_ssl_context(credentials, ca_file)
+        with (
+            socket.create_connection((host, port), timeout=TIMEOUT) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            if tls.selected_alpn_protocol() != "h2":
+                return "the server does not speak HTTP/2"
+            h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            h2c.initiate_connection()
+            tls.sendall(h2c.data_to_send())
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    return "the server closed the connection"
+                for event in h2c.receive_data(data):
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        detail = (event.additional_data or b"").decode(errors="replace")
+                        return f"the server ended the connection: {detail or event.error_code}"
+                    if isinstance(event, h2.events.RemoteSettingsChanged):
+                        h2c.close_connection()
+                        tls.sendall(h2c.data_to_send())
+                        return None
+    except ssl.SSLError as e:
+        return f"TLS failed: {e.reason or e}"
+    except OSError as e:
+        return f"cannot connect: {e.strerror or e}"

@@ -2,9 +2,10 @@
 # shellcheck shell=bash
 
 # Dovecot and the Lua socket library the driver script uses; python3 is the
-# system Python the post-login helper runs under.
+# system Python the post-login helper runs under; debootstrap makes the chroot with
+# the other Dovecot version (tests/harness/chroot.py).
 TEST_PACKAGES=(dovecot-core dovecot-imapd dovecot-lmtpd dovecot-sieve lua-socket python3 python3-venv
-    supervisor postgresql)
+    supervisor debootstrap postgresql)
 # The sender benchmark's HTTP/2 sink (nghttpd) and reference load generator (h2load).
 BENCH_PACKAGES=("${TEST_PACKAGES[@]}" nghttp2-server nghttp2-client)
 

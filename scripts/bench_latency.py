@@ -1,0 +1,106 @@
+"""Benchmark 1: new mail → APNs latency through the real stack.
+
+Real Dovecot (LMTP, Lua driver), `dovenotify serve` and the HTTP/2 mTLS APNs
+stand-in, as in the end-to-end test. Two users each register an iPhone over
+IMAP; then LMTP deliveries go in at a steady rate, alternating between them.
+Latency is from the moment the LMTP client has Dovecot's reply to DATA to the
+moment the stand-in receives the push (negative when the push arrived first:
+the Lua driver hands the event over before Dovecot sends its reply).
+
+    python -m scripts.bench_latency [--rate 50] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import trio
+
+from scripts.bench_table import percentile, print_table
+from tests.harness.apns_standin import Answer, RecordedRequest
+from tests.harness.certs import make_test_pki
+from tests.harness.dovecot import deliver
+from tests.harness.stack import run_stack
+
+USERS = {"alice": "0a" * 32, "bob": "0b" * 32}
+ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
+TARGET_P99_MS = 25.0
+
+
+async def measure(rate: float, seconds: float) -> None:
+    arrivals: dict[str, list[float]] = defaultdict(list)
+
+    def record(request: RecordedRequest) -> Answer:
+        arrivals[request.path.rsplit("/", 1)[1]].append(time.monotonic())
+        return Answer(200)
+
+    replies: dict[str, list[float]] = defaultdict(list)
+    durations: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="dovenotify-bench-pki-") as pki_dir:
+        pki = make_test_pki(Path(pki_dir))
+        async with run_stack(pki, {"log_level": "info"}, version=None, responder=record) as stack:
+            phones = []
+            for user, token in USERS.items():
+                phone = await stack.iphone(user)
+                assert (await phone.xapplepushservice(ACCOUNT, token, ["INBOX"])).ok
+                phones.append(phone)
+
+            def one(user: str) -> None:
+                durations.append(deliver(stack.dovecot, user, b"Subject: bench\r\n\r\nhi\r\n"))
+                replies[USERS[user]].append(time.monotonic())
+
+            count = int(rate * seconds)
+            users = list(USERS)
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for i in range(count):
+                    await trio.sleep_until(start + i / rate)
+                    nursery.start_soon(trio.to_thread.run_sync, one, users[i % len(users)])
+            # The last pushes: wait for them rather than for a fixed time.
+            with trio.move_on_after(5):
+                while sum(map(len, arrivals.values())) < count:
+                    await trio.sleep(0.01)
+            sent_for = trio.current_time() - start
+            for phone in phones:
+                await phone.logout()
+
+    latencies = []
+    unmatched = 0
+    for token, times in replies.items():
+        pushes = arrivals[token]
+        unmatched += abs(len(pushes) - len(times))
+        latencies += [(p - r) * 1000 for r, p in zip(sorted(times), sorted(pushes), strict=False)]
+    latencies.sort()
+    p99 = percentile(latencies, 99)
+    print_table(
+        f"New mail → APNs: {count} LMTP deliveries at {rate:g}/s over {sent_for:.1f} s"
+        " (real Dovecot, dovenotify serve, HTTP/2 mTLS stand-in)",
+        [
+            ("latency p50", f"{percentile(latencies, 50):.1f} ms", ""),
+            (
+                "latency p99",
+                f"{p99:.1f} ms",
+                f"target ≤ {TARGET_P99_MS:g} ms: " + ("met" if p99 <= TARGET_P99_MS else "NOT met"),
+            ),
+            ("latency max", f"{latencies[-1]:.1f} ms", ""),
+            ("LMTP DATA → reply, median", f"{statistics.median(durations) * 1000:.1f} ms", ""),
+            ("deliveries without exactly one push", str(unmatched), "(0 expected)"),
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rate", type=float, default=50.0, help="deliveries per second")
+    parser.add_argument("--seconds", type=float, default=20.0, help="how long to deliver")
+    args = parser.parse_args(argv)
+    trio.run(measure, args.rate, args.seconds)
+
+
+if __name__ == "__main__":
+    main()

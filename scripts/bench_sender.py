@@ -1,0 +1,159 @@
+"""Benchmark 3: pushes/s from dovenotify's APNs sender to a fast HTTP/2 sink.
+
+The sink is Debian's `nghttpd`, twice on the same files: one instance requires a
+client certificate (mutual TLS, as APNs does), the other does not, because the
+reference load generator `h2load` cannot present one. dovenotify's sender runs
+against both; h2load (one connection, as many concurrent streams as dovenotify
+allows) gives the ceiling of this machine. Every figure comes from this run.
+
+    python -m scripts.bench_sender [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+from dovenotify.apns import Push
+from dovenotify.apns_sender import DEFAULT_MAX_IN_FLIGHT, ApnsSender
+from dovenotify.certificates import load_credentials
+from scripts.bench_table import print_table
+from tests.harness.certs import Pki, make_test_pki
+from tests.harness.dovecot import free_ports
+
+TOKEN = "ab" * 32
+ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
+
+
+@contextlib.contextmanager
+def nghttpd(pki: Pki, htdocs: Path, *, verify_client: bool) -> Iterator[str]:
+    """An nghttpd serving `htdocs` over TLS on a free port; stopped by its PID."""
+    (port,) = free_ports(1)
+    args = ["nghttpd", "-d", str(htdocs), str(port), str(pki.server_key), str(pki.server_cert)]
+    if verify_client:
+        args.insert(1, "--verify-client")
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _await_port(port, process)
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _await_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    # nghttpd has no readiness signal: wait until it accepts connections.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"nghttpd exited with {process.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.02)
+    raise RuntimeError("nghttpd did not start")
+
+
+async def run_sender(pki: Pki, url: str, seconds: float) -> tuple[float, int, int]:
+    """(pushes/s, delivered, failed) from one ApnsSender kept busy for `seconds`."""
+    credentials = load_credentials(pki.client.combined_pem, None, None)
+    push = Push(device_token=TOKEN, topic=pki.client.topic, account_id=ACCOUNT)
+    counts = {"delivered": 0, "failed": 0}
+    async with ApnsSender(credentials, endpoint=url, ca_file=pki.ca_file) as sender:
+        # Warm up: the TLS handshake and HTTP/2 settings are not what is measured.
+        await sender.send(push)
+        start = trio.current_time()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            while trio.current_time() < deadline:
+                outcome = await sender.send(push)
+                counts["delivered" if outcome.status == 200 else "failed"] += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(DEFAULT_MAX_IN_FLIGHT):
+                nursery.start_soon(worker)
+        elapsed = trio.current_time() - start
+    return counts["delivered"] / elapsed, counts["delivered"], counts["failed"]
+
+
+def run_h2load(url: str, body: Path, requests: int) -> float:
+    result = subprocess.run(
+        [
+            "h2load",
+            "-n",
+            str(requests),
+            "-c",
+            "1",
+            "-m",
+            str(DEFAULT_MAX_IN_FLIGHT),
+            "-d",
+            str(body),
+            "-H",
+            "apns-topic: bench",
+            "-H",
+            "apns-push-type: background",
+            f"{url}/3/device/{TOKEN}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    match = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", result.stdout)
+    succeeded = re.search(r"(\d+) succeeded", result.stdout)
+    if not match or not succeeded or int(succeeded.group(1)) != requests:
+        raise RuntimeError(f"h2load did not finish cleanly:\n{result.stdout}")
+    return float(match.group(1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per sender run")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="dovenotify-bench-sender-") as tmp:
+        root = Path(tmp)
+        pki = make_test_pki(root / "pki")
+        htdocs = root / "htdocs"
+        (htdocs / "3" / "device").mkdir(parents=True)
+        (htdocs / "3" / "device" / TOKEN).write_bytes(b"")
+        body = root / "body.json"
+        body.write_text(f'{{"aps":{{"account-id":"{ACCOUNT}"}}}}')
+        with (
+            nghttpd(pki, htdocs, verify_client=True) as mtls_url,
+            nghttpd(pki, htdocs, verify_client=False) as tls_url,
+        ):
+            mtls, mtls_ok, mtls_failed = trio.run(run_sender, pki, mtls_url, args.seconds)
+            tls, tls_ok, tls_failed = trio.run(run_sender, pki, tls_url, args.seconds)
+            ceiling = run_h2load(tls_url, body, max(20000, int(tls * args.seconds * 4)))
+    print_table(
+        "Sender throughput (one process, one HTTP/2 connection,"
+        f" {DEFAULT_MAX_IN_FLIGHT} streams in flight)",
+        [
+            (
+                "dovenotify → nghttpd, mutual TLS",
+                f"{mtls:,.0f} pushes/s",
+                f"{mtls_ok} ok, {mtls_failed} failed",
+            ),
+            (
+                "dovenotify → nghttpd, server TLS only",
+                f"{tls:,.0f} pushes/s",
+                f"{tls_ok} ok, {tls_failed} failed",
+            ),
+            ("h2load → nghttpd, server TLS only (ceiling)", f"{ceiling:,.0f} req/s", ""),
+            ("ratio dovenotify / h2load", f"{tls / ceiling:.3f}", ""),
+            ("target", "≥ 5,000 pushes/s", "met" if mtls >= 5000 else "NOT met"),
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 
 import attrs
@@ -126,6 +127,11 @@ def _parse_error(body: bytes) -> tuple[str, int | None]:
     if not isinstance(document, dict) or not isinstance(document.get("reason"), str):
         return UNPARSEABLE, None
     timestamp = document.get("timestamp")
-    if isinstance(timestamp, bool) or not isinstance(timestamp, int | float):
+    # JSON allows 1e999 (infinity to Python): int() of it would raise.
+    if (
+        isinstance(timestamp, bool)
+        or not isinstance(timestamp, int | float)
+        or not math.isfinite(timestamp)
+    ):
         timestamp = None
     return document["reason"], None if timestamp is None else int(timestamp)

@@ -134,8 +134,8 @@ protocol lmtp {{
 protocol lda {{
   mail_plugins = $mail_plugins {plugins}
 }}
-# Do not load imap_zlib for imap: COMPRESS would hide the client's commands
-# from the relay.
+# COMPRESS=DEFLATE (imap_zlib, if you load it) is safe: the relay answers
+# COMPRESS itself and inflates the client's side, so it still reads commands.
 
 plugin {{
   # If you already use push_notification_driver, make this
@@ -202,10 +202,8 @@ _IMAP_24_CAPABILITY = """\
   imap_capability {
     # iOS offers push only for servers that advertise this after login.
     XAPPLEPUSHSERVICE = yes
-    # 2.4 offers COMPRESS by default; once a client turns it on, the relay can
-    # no longer read the client's commands. Not advertising it keeps iOS (and
-    # other well-behaved clients) from using it.
-    "COMPRESS=DEFLATE" = no
+    # COMPRESS=DEFLATE stays offered: the relay answers COMPRESS itself and
+    # inflates the client's side, so it still reads the client's commands.
   }
 """
 

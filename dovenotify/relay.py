@@ -4,7 +4,8 @@ Per connection, bytes flow client→Dovecot through `imapscan.ClientScanner` and
 Dovecot→client through `imapscan.ServerScanner`. XAPPLEPUSHSERVICE is answered
 here: the relay stores the registration, sends Dovecot a NOOP under a tag of its
 own, and swaps Dovecot's tagged reply to that NOOP for the XAPPLEPUSHSERVICE
-answer, so pipelined replies keep their order.
+answer, so pipelined replies keep their order. COMPRESS is answered the same way,
+and the relay then deflates the client's side of the connection itself.
 """
 
 from __future__ import annotations
@@ -132,10 +133,18 @@ class Relay:
                 for action in commands.feed(data):
                     if isinstance(action, imapscan.Forward):
                         await _send_all(server, action.data)
+                    elif isinstance(action, imapscan.Broken):
+                        log.warning("closed %s's session: %s", handoff.username, action.reason)
+                        nursery.cancel_scope.cancel()
+                        return
                     else:
-                        answer = await self._answer(handoff, action)
+                        # Dovecot answers a NOOP in this command's turn; that answer
+                        # is swapped for ours, so replies keep the clients' order.
                         tag = b"dovenotify.%d" % next(_placeholder_tags)
-                        replies.replace(tag, answer)
+                        if isinstance(action, imapscan.Compress):
+                            replies.replace(tag, action.answer, then_deflate=action.started)
+                        else:
+                            replies.replace(tag, await self._answer(handoff, action))
                         await _send_all(server, tag + b" NOOP\r\n")
             # The client is gone: tell Dovecot, and let it close its side.
             server.shutdown(socket.SHUT_WR)

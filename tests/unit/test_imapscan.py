@@ -1,23 +1,31 @@
 """The relay's stream scanners: exact forwarding, interception, literals, any chunking."""
 
+import zlib
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dovenotify.imapscan import (
     COMMAND_LIMIT,
+    Action,
+    Broken,
     ClientScanner,
+    Compress,
     Forward,
     Intercepted,
     ServerScanner,
 )
 
-INTERCEPT = frozenset({"XAPPLEPUSHSERVICE", "COMPRESS"})
+INTERCEPT = frozenset({"XAPPLEPUSHSERVICE"})
 
 
-def run_client(data: bytes, cuts: list[int]) -> tuple[bytes, list[Intercepted]]:
-    scanner = ClientScanner(INTERCEPT)
+def run_client(
+    data: bytes, cuts: list[int], scanner: ClientScanner | None = None
+) -> tuple[bytes, list[Action]]:
+    """What `scanner` forwards and what else it reports, fed `data` cut at `cuts`."""
+    scanner = scanner or ClientScanner(INTERCEPT)
     forwarded = bytearray()
-    intercepted: list[Intercepted] = []
+    intercepted: list[Action] = []
     start = 0
     for cut in [*sorted(cuts), len(data)]:
         for action in scanner.feed(data[start:cut]):
@@ -45,9 +53,9 @@ def test_xapplepushservice_is_taken_out_of_the_stream():
 
 def test_command_name_is_case_insensitive_and_compress_is_caught():
     _, intercepted = run_client(b"x xapplepushservice\r\ny compress DEFLATE\r\n", [])
-    assert [(i.tag, i.command) for i in intercepted] == [
-        (b"x", "XAPPLEPUSHSERVICE"),
-        (b"y", "COMPRESS"),
+    assert intercepted == [
+        Intercepted(b"x", "XAPPLEPUSHSERVICE", b"x xapplepushservice"),
+        Compress(b"y", b"y OK Begin compression.\r\n", started=True),
     ]
 
 
@@ -162,3 +170,83 @@ def test_server_literal_that_looks_like_the_reply_is_not_swapped():
 @given(data=st.binary(max_size=600), cuts=chunks)
 def test_server_stream_without_placeholders_is_untouched(data, cuts):
     assert run_server(ServerScanner(), data, cuts) == data
+
+
+# --- COMPRESS=DEFLATE, terminated by the relay -----------------------------------
+
+
+def deflate(data: bytes) -> bytes:
+    """`data` as a compressing client sends it: raw deflate, flushed."""
+    c = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+
+
+AFTER_COMPRESS = (
+    b"d NOOP\r\ne APPEND INBOX {26}\r\nf XAPPLEPUSHSERVICE inside\r\n\r\n"
+    b"g XAPPLEPUSHSERVICE aps-version 2\r\nh COMPRESS DEFLATE\r\n"
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cuts=chunks)
+def test_after_compress_the_client_stream_is_inflated_then_scanned(cuts):
+    data = b"a NOOP\r\nc COMPRESS DEFLATE\r\n" + deflate(AFTER_COMPRESS)
+    forwarded, others = run_client(data, cuts)
+    assert (
+        forwarded
+        == b"a NOOP\r\nd NOOP\r\ne APPEND INBOX {26}\r\nf XAPPLEPUSHSERVICE inside\r\n\r\n"
+    )
+    assert others == [
+        Compress(b"c", b"c OK Begin compression.\r\n", started=True),
+        Intercepted(b"g", "XAPPLEPUSHSERVICE", b"g XAPPLEPUSHSERVICE aps-version 2"),
+        Compress(b"h", b"h NO [COMPRESSIONACTIVE] Compression already enabled.\r\n", False),
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=imap_pieces, cuts=chunks)
+def test_a_compressed_stream_scans_as_its_plain_text_would(pieces, cuts):
+    plain = b"".join(pieces)
+    data = b"c COMPRESS DEFLATE\r\n" + deflate(plain)
+    forwarded, (compress, *others) = run_client(data, cuts)
+    assert compress == Compress(b"c", b"c OK Begin compression.\r\n", started=True)
+    assert (forwarded, others) == run_client(plain, [])
+
+
+def test_compress_refusals_leave_the_stream_plain():
+    data = b"a COMPRESS GZIP\r\nb COMPRESS\r\nc COMPRESS DEFLATE x\r\nd NOOP\r\n"
+    forwarded, others = run_client(data, [])
+    assert forwarded == b"d NOOP\r\n"
+    assert others == [
+        Compress(b"a", b"a NO Unknown compression mechanism.\r\n", started=False),
+        Compress(b"b", b"b BAD Invalid arguments.\r\n", started=False),
+        Compress(b"c", b"c BAD Invalid arguments.\r\n", started=False),
+    ]
+
+
+def test_a_decompression_bomb_is_inflated_in_steps():
+    bomb = b"a APPEND INBOX {%d}\r\n" % (50 * 1024 * 1024) + b"\0" * (50 * 1024 * 1024)
+    scanner = ClientScanner(INTERCEPT)
+    scanner.feed(b"c COMPRESS DEFLATE\r\n")
+    actions = scanner.feed(deflate(bomb))
+    assert max(len(a.data) for a in actions if isinstance(a, Forward)) <= 256 * 1024
+    assert sum(len(a.data) for a in actions if isinstance(a, Forward)) == len(bomb)
+
+
+@settings(max_examples=100, deadline=None)
+@given(garbage=st.binary(max_size=200), cuts=chunks)
+def test_corrupt_compressed_data_breaks_the_session_without_raising(garbage, cuts):
+    _, others = run_client(b"c COMPRESS DEFLATE\r\n" + b"\xff\xff" + garbage, cuts)
+    assert isinstance(others[-1], Broken)
+
+
+def test_server_stream_is_deflated_after_the_compress_answer():
+    scanner = ServerScanner()
+    scanner.replace(b"dovenotify.1", b"c OK Begin compression.\r\n", then_deflate=True)
+    before = b"a OK NOOP\r\n* 2 EXISTS\r\n"
+    after = b"* 1 FETCH (BODY[] {5}\r\nhello)\r\nd OK done\r\n"
+    out = run_server(scanner, before + b"dovenotify.1 OK NOOP\r\n" + after[:20], [4])
+    out += run_server(scanner, after[20:], [])
+    plain = before + b"c OK Begin compression.\r\n"
+    assert out.startswith(plain)
+    assert zlib.decompressobj(-15).decompress(out[len(plain) :]) == after

@@ -41,6 +41,12 @@ class RunningService:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    async def wait_for_log(self, text: str, timeout: float = 5.0) -> None:
+        """Until the service's log contains `text` (it is written as things happen)."""
+        with trio.fail_after(timeout):
+            while text not in self.log_text():
+                await trio.sleep(0.01)
+
     async def stop(self, signum: int = signal.SIGTERM) -> int:
         if self.process.returncode is None:
             self.process.send_signal(signum)

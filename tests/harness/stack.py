@@ -88,10 +88,12 @@ async def run_stack(
     overrides: Mapping[str, Any] | None = None,
     *,
     version: str | None,
+    dovecot_conf: str = "",
     **standin_options: Any,
 ) -> AsyncIterator[Stack]:
     """The whole stack on Dovecot `version`: pass the `dovecot_version` fixture, so the
-    test runs on both versions (None, the host's, is for scripts)."""
+    test runs on both versions (None, the host's, is for scripts). `dovecot_conf` is
+    added to Dovecot's configuration after dovenotify's snippet."""
     root = make_root("dovenotify-stack-")
     try:
         async with run_apns_standin(pki, **standin_options) as standin:
@@ -100,6 +102,7 @@ async def run_stack(
                 **(overrides or {}),
             }
             snippet = dovecot_snippet(root, settings, installation(version).version)
+            snippet += dovecot_conf
             (root / "dovecot").mkdir(mode=0o755)
             dovecot = await trio.to_thread.run_sync(
                 lambda: start_dovecot(root / "dovecot", version=version, extra_conf=snippet)

@@ -1,0 +1,291 @@
+"""The relay between a real iPhone-like client and a real Dovecot: IMAP stays IMAP.
+
+Every test logs in over TLS through Dovecot's post-login hook, so each session
+passes through `dovenotify serve`'s relay exactly as in production.
+"""
+
+import contextlib
+import hashlib
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from dovenotify.store import Registration, SQLiteStore
+from tests.harness.dovecot import deliver
+from tests.harness.stack import Stack, run_stack
+
+ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
+TOKEN = "2918390218931890821908309283098109381029309829018310983092892829"
+OTHER_TOKEN = "aa" * 32
+
+
+async def devices(stack: Stack) -> list[Registration]:
+    def read() -> list[Registration]:
+        store = SQLiteStore(Path(stack.settings["database"]))
+        try:
+            return store.devices()
+        finally:
+            store.close()
+
+    return await trio.to_thread.run_sync(read)
+
+
+def ios_command(tag: str, **changes: str) -> bytes:
+    """What iOS sends, with some arguments replaced by raw text."""
+    args = {
+        "version": '"aps-version" "2"',
+        "account": f'"aps-account-id" "{ACCOUNT}"',
+        "token": f'"aps-device-token" "{TOKEN}"',
+        "subtopic": '"aps-subtopic" "com.apple.mobilemail"',
+        "mailboxes": '"mailboxes" ("INBOX" "Notes")',
+        **changes,
+    }
+    return f"{tag} XAPPLEPUSHSERVICE {' '.join(a for a in args.values() if a)}\r\n".encode()
+
+
+async def test_pipelined_commands_get_their_answers_in_command_order(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        await phone.send_raw(b"p1 NOOP\r\n" + ios_command("p2") + b"p3 NOOP\r\n")
+        lines = [await phone.read_response() for _ in range(6)]
+        # Dovecot adds timings to its own answers: compare their first words only.
+        assert lines[0].startswith(b"p1 OK NOOP completed")
+        assert lines[1:5] == [
+            b'* XAPPLEPUSHSERVICE "mailbox" "INBOX"',
+            b'* XAPPLEPUSHSERVICE "mailbox" "Notes"',
+            b'* XAPPLEPUSHSERVICE aps-version "2" aps-topic "%s"' % test_pki.client.topic.encode(),
+            b"p2 OK XAPPLEPUSHSERVICE completed.",
+        ]
+        assert lines[5].startswith(b"p3 OK NOOP completed")
+        await phone.logout()
+
+
+async def test_idle_sees_new_mail(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        assert (await phone.command("SELECT INBOX")).ok
+        await phone.send_raw(b"i1 IDLE\r\n")
+        assert (await phone.read_response()).startswith(b"+ ")
+        deliver(stack.dovecot, "alice", b"Subject: while idle\r\n\r\nhi\r\n")
+        assert await phone.read_response() == b"* 1 EXISTS"
+        await phone.send_raw(b"DONE\r\n")
+        assert (await phone.read_until_tagged("i1")).ok
+        await phone.logout()
+
+
+HIBERNATION = """
+imap_hibernate_timeout = 1s
+# Says when a session is handed to imap-hibernate.
+log_debug = category=imap
+# Hibernation needs this with or without dovenotify: imap-hibernate (running as
+# the internal user) hands woken sessions back through this socket.
+service imap {
+  unix_listener imap-master {
+    user = dovecot
+  }
+}
+"""
+
+
+async def test_hibernated_idle_session_wakes_for_new_mail(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version, dovecot_conf=HIBERNATION) as stack:
+        phone = await stack.iphone()
+        assert (await phone.command("SELECT INBOX")).ok
+        await phone.send_raw(b"i1 IDLE\r\n")
+        assert (await phone.read_response()).startswith(b"+ ")
+        await trio.to_thread.run_sync(
+            stack.dovecot.wait_for_log, r"Successfully hibernated imap client", 10
+        )
+        deliver(stack.dovecot, "alice", b"Subject: while asleep\r\n\r\nhi\r\n")
+        assert await phone.read_response() == b"* 1 EXISTS"
+        await phone.send_raw(b"DONE\r\n")
+        assert (await phone.read_until_tagged("i1")).ok
+        assert (await phone.command("NOOP")).ok
+        await phone.logout()
+
+
+def big_message(size: int) -> bytes:
+    """A CRLF message of `size` bytes whose body looks like IMAP commands and literals."""
+    head = b"From: a@example.org\r\nSubject: big\r\n\r\n"
+    tricky = b"x1 XAPPLEPUSHSERVICE mailboxes (INBOX)\r\ny1 APPEND INBOX {5}\r\nz1 NOOP\r\n"
+    line = hashlib.sha256(b"seed").hexdigest().encode() * 2 + b"\r\n"
+    block = tricky + line * ((65536 - len(tricky)) // len(line))
+    body = block * ((size - len(head)) // len(block) + 1)
+    message = head + body[: size - len(head) - 2] + b"\r\n"
+    assert len(message) == size
+    return message
+
+
+async def test_50_mb_append_and_fetch_are_byte_exact(test_pki, dovecot_version):
+    message = big_message(50 * 1024 * 1024 + 7)
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        assert (await phone.append("INBOX", message)).ok
+        assert (await phone.command("SELECT INBOX")).ok
+        fetch = await phone.command("FETCH 1 (RFC822.SIZE BODY.PEEK[])")
+        assert fetch.ok, fetch
+        (line,) = fetch.untagged_starting(b"1 FETCH")
+        literal = b"BODY[] {%d}\r\n" % len(message)
+        assert b"RFC822.SIZE %d" % len(message) in line
+        start = line.index(literal) + len(literal)
+        assert hashlib.sha256(line[start : start + len(message)]).digest() == (
+            hashlib.sha256(message).digest()
+        )
+        # The session is still in step after 100 MB went through.
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        await phone.logout()
+
+
+async def test_logout_ends_the_session_as_dovecot_does(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        reply = await phone.command("LOGOUT")
+        assert reply.ok
+        assert reply.untagged[0].startswith(b"* BYE")
+        with pytest.raises(EOFError):
+            await phone.read_response()
+        await phone.aclose()
+
+
+async def test_client_gone_in_the_middle_of_a_literal(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        await phone.send_raw(b"a1 APPEND INBOX {1000}\r\n")
+        assert (await phone.read_response()).startswith(b"+")
+        await phone.send_raw(b"Subject: cut short\r\n\r\n" + b"x" * 100)
+        await phone.aclose()
+        # Dovecot saw the client go, in the middle of its APPEND...
+        await trio.to_thread.run_sync(
+            stack.dovecot.wait_for_log, r"Disconnected: Connection closed \(While .*APPEND"
+        )
+        # ...stored nothing, and the relay goes on serving.
+        phone = await stack.iphone()
+        status = await phone.command("STATUS INBOX (MESSAGES)")
+        assert status.untagged_starting(b"STATUS") == [b"* STATUS INBOX (MESSAGES 0)"]
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        await phone.logout()
+
+
+async def test_dovecot_closing_the_session_closes_the_client(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        assert (await phone.command("SELECT INBOX")).ok
+        kick = stack.dovecot.installation.command(
+            "doveadm", "-c", str(stack.dovecot.conf_path), "kick", "alice"
+        )
+        await trio.run_process(kick, capture_stdout=True)
+        assert (await phone.read_response()).startswith(b"* BYE")
+        with pytest.raises(EOFError):
+            await phone.read_response()
+        await phone.aclose()
+
+
+BAD_INPUT = [
+    ({"version": '"aps-version" "1"'}, "aps-version 1 is not supported"),
+    ({"token": '"aps-device-token" ""'}, "aps-device-token is empty"),
+    ({"token": '"aps-device-token" "not-hex"'}, "aps-device-token must be hexadecimal"),
+    ({"token": f'"aps-device-token" "{"ab" * 101}"'}, "longer than 200 characters"),
+    ({"subtopic": '"aps-subtopic" "com.example"'}, "aps-subtopic must be com.apple.mobilemail"),
+    ({"mailboxes": ""}, "mailboxes is missing"),
+    ({"mailboxes": '"mailboxes" ("INBOX" "Notes"'}, "unbalanced parentheses"),
+    ({"mailboxes": f'"mailboxes" ("{"x" * 10 * 1024 * 1024}")'}, "the command line is too long"),
+]
+
+
+async def test_bad_registrations_get_bad_naming_the_problem_and_the_session_goes_on(
+    test_pki, dovecot_version
+):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        for n, (changes, problem) in enumerate(BAD_INPUT):
+            await phone.send_raw(ios_command(f"b{n}", **changes))
+            reply = await phone.read_until_tagged(f"b{n}")
+            assert reply.status == "BAD", (problem, reply.tagged[:200])
+            assert problem.encode() in reply.tagged, reply.tagged[:200]
+            assert reply.untagged == ()
+            assert (await phone.command("NOOP")).ok
+        assert await devices(stack) == []
+        await phone.logout()
+
+
+async def test_two_devices_restored_from_one_backup_both_get_pushes(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        for token in (TOKEN, OTHER_TOKEN):
+            phone = await stack.iphone()
+            assert (await phone.xapplepushservice(ACCOUNT, token, ["INBOX"])).ok
+            await phone.logout()
+        registered = await devices(stack)
+        assert sorted((d.account_id, d.device_token) for d in registered) == sorted(
+            [(ACCOUNT, TOKEN), (ACCOUNT, OTHER_TOKEN)]
+        )
+        deliver(stack.dovecot, "alice", b"Subject: for both\r\n\r\nhi\r\n")
+        pushed = {(await stack.standin.next_request()).path for _ in range(2)}
+        assert pushed == {f"/3/device/{TOKEN}", f"/3/device/{OTHER_TOKEN}"}
+
+
+async def test_registering_again_updates_mailboxes_and_time(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        (first,) = await devices(stack)
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX", "Notes"])).ok
+        (second,) = await devices(stack)
+        assert first.mailboxes == ("INBOX",)
+        assert second.mailboxes == ("INBOX", "Notes")
+        assert second.registered_at > first.registered_at
+        await phone.logout()
+
+
+async def test_registration_is_on_disk_before_the_ok(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        # No chance to flush anything after the OK.
+        stack.service.process.kill()
+        await stack.service.process.wait()
+        with contextlib.closing(sqlite3.connect(stack.settings["database"])) as db:
+            rows = db.execute("SELECT username, account_id, device_token FROM registrations")
+            assert rows.fetchall() == [("alice", ACCOUNT, TOKEN)]
+        await phone.aclose()
+
+
+async def test_sighup_keeps_relayed_sessions(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        assert (await phone.command("SELECT INBOX")).ok
+        stack.service.process.send_signal(signal.SIGHUP)
+        await stack.service.wait_for_log("reload")
+        # The relayed session still answers, and still registers.
+        assert (await phone.command("NOOP")).ok
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        await phone.logout()
+
+
+async def test_compress_deflate_is_terminated_by_the_relay(test_pki, dovecot_version):
+    message = big_message(2 * 1024 * 1024)
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        assert (await phone.compress()).ok
+        # From here on a relay that could not inflate would not see this command,
+        # and a client that could not inflate would not read its answer.
+        reply = await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])
+        assert reply.ok, reply
+        assert (await devices(stack))[0].device_token == TOKEN
+        assert (await phone.append("INBOX", message)).ok
+        assert (await phone.command("SELECT INBOX")).ok
+        fetch = await phone.command("FETCH 1 BODY.PEEK[]")
+        assert fetch.untagged[0].endswith(b"{%d}\r\n" % len(message) + message + b")")
+        assert phone.stream.sent_compressed < len(message) / 10
+        # Each answer is flushed at once: IDLE hears of new mail while it waits.
+        await phone.send_raw(b"i1 IDLE\r\n")
+        assert (await phone.read_response()).startswith(b"+ ")
+        deliver(stack.dovecot, "alice", b"Subject: compressed\r\n\r\nhi\r\n")
+        assert await phone.read_response() == b"* 2 EXISTS"
+        await phone.send_raw(b"DONE\r\n")
+        assert (await phone.read_until_tagged("i1")).ok
+        again = await phone.command("COMPRESS DEFLATE")
+        assert again.tagged.startswith(b"%s NO [COMPRESSIONACTIVE]" % again.tag.encode())
+        await phone.logout()

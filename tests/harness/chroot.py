@@ -299,8 +299,9 @@ def ensure(target: Target, *, report=sys.stderr) -> Path:
             file=report,
             flush=True,
         )
-        # Chroots from older recipes or package lists: 300 MB each, never used again.
-        for stale in CACHE.glob(f"{target.codename}-*"):
+        # Chroots from older recipes or package lists, and what killed builds left
+        # (we hold the lock: no build is running): 300 MB each, never used again.
+        for stale in [*CACHE.glob(f"{target.codename}-*"), *CACHE.glob(f".{target.codename}-*")]:
             if stale != target.path:
                 _remove_tree(stale)
     return target.path

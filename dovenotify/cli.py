@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cli_db, cli_doctor, dovecot_config
+from . import cli_db, cli_devices, cli_doctor, dovecot_config
 from . import config as configuration
 from .store import StoreError, iso, open_store
 
@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     devices = add_command(commands, "devices", "List registered devices.", _devices)
     devices.add_argument("--user", help="only this user's devices")
     devices.add_argument("--json", action="store_true", help="print a JSON array")
+    cli_devices.register(devices)
 
     conf = add_command(
         commands,

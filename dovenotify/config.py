@@ -52,6 +52,9 @@ class Config:
     # Users allowed to hand connections to the relay (they assert who logged in).
     relay_peers: tuple[str, ...] = ("root", "dovecot")
     user_lookup: str | None = None
+    # Seconds a registration lasts unless the device registers again (iOS does at
+    # every connection); older ones get no pushes and are deleted.
+    registration_ttl: float = 30 * 86400.0
 
 
 # --- schema -----------------------------------------------------------------
@@ -136,6 +139,7 @@ TOP_KEYS: dict[str, Check] = {
     "relay_timeout": _number(0.05, 10),
     "relay_peers": _names,
     "user_lookup": _optional(_string("a userdb field name")),
+    "registration_ttl": _number(60, 10 * 365 * 86400),
 }
 
 

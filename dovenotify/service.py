@@ -23,6 +23,7 @@ from .config import Config
 from .dispatch import Dispatcher
 from .events import BadLine, Event, EventDecoder
 from .outbox import Outbox
+from .registration_expiry import sweep_expired, unexpired
 from .store import Registration, SQLiteStore, open_store
 
 log = logging.getLogger("dovenotify")
@@ -67,6 +68,7 @@ class Service:
 
     async def handle_event(self, event: Event) -> None:
         devices = await trio.to_thread.run_sync(self.store.devices, event.username)
+        devices = unexpired(devices, self.config.registration_ttl, time.time())
         if not devices:
             return
         for device in self.dispatcher.event(event, devices, trio.current_time()):
@@ -219,6 +221,7 @@ async def serve(config: Config) -> None:
             nursery.start_soon(service.serve_events, events)
             nursery.start_soon(the_relay.serve, relayed)
             nursery.start_soon(service.run_sender)
+            nursery.start_soon(sweep_expired, store, config.registration_ttl)
             log.info(
                 "dovenotify is running: events on %s, relay on %s, topic %s, APNs %s",
                 config.event_socket,

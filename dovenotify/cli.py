@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -90,14 +89,10 @@ def load_config(args: argparse.Namespace) -> configuration.Config:
 def _serve(args: argparse.Namespace) -> int:
     import trio
 
-    from . import certificates, service
+    from . import certificates, logsetup, service
 
     config = load_config(args)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logsetup.configure(config.log_level, config.log_format)
     try:
         trio.run(service.serve, config)
     except certificates.CertificateError as e:

@@ -42,6 +42,8 @@ class Config:
     relay_socket: Path = Path("/run/dovenotify/relay.sock")
     apns: ApnsConfig = ApnsConfig()
     log_level: str = "info"
+    # "text" for people, "json" (one object per line) for log collectors.
+    log_format: str = "text"
     # Where `dovenotify dovecot-config --install` puts the Lua script and the
     # post-login helper: Dovecot's unprivileged users must be able to read them,
     # which a virtualenv under /root is not.
@@ -133,6 +135,7 @@ TOP_KEYS: dict[str, Check] = {
     "event_socket": _path,
     "relay_socket": _path,
     "log_level": _choice(*LOG_LEVELS),
+    "log_format": _choice("text", "json"),
     "dovecot_files": _path,
     "helper_python": _path,
     "event_timeout": _number(0.01, 5),

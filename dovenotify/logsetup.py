@@ -1,0 +1,43 @@
+"""Logging for `dovenotify serve`: text for people, or one JSON object per line.
+
+Device tokens never appear in full: dovenotify's own messages shorten them
+(relay.short_token), and httpx, which logs every request URL at INFO with the
+token in it, is held to warnings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from typing import TextIO
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Libraries whose INFO/DEBUG lines are per request (and carry tokens in URLs).
+QUIET_LIBRARIES = ("httpx", "httpcore", "h2", "hpack")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure(level: str, log_format: str, stream: TextIO = sys.stderr) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -5,6 +5,11 @@ flags, renames) only make the device's view stale, so they wait `delay` seconds 
 more to coalesce, but never longer than `max_delay` after the first of them, so
 continuous activity cannot postpone a push forever. A new-mail push absorbs the
 pending delayed one.
+
+Mailboxes: creating one pushes nobody (it is empty, and no device registered
+it yet). Renaming or deleting one is a delayed push to the devices that
+registered it under its old name: their next sync shows the change and they
+register again with the new list.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ def wants(registration: Registration, mailbox: str) -> bool:
     return mailbox in registration.mailboxes
 
 
+def _concerns(event: Event, device: Registration) -> bool:
+    return wants(device, event.mailbox) or bool(
+        event.old_mailbox and wants(device, event.old_mailbox)
+    )
+
+
 @attrs.define
 class _Pending:
     registration: Registration
@@ -43,13 +54,17 @@ class Dispatcher:
     _pending: dict[DeviceKey, _Pending] = attrs.field(factory=dict)
 
     def event(
-        self, event: Event, devices: Iterable[Registration], now: float
+        self, event: Event, devices: Iterable[Registration], now: float, *, late: bool = False
     ) -> list[Registration]:
-        """Take one event for the given user's devices; return those to push now."""
+        """Take one event for the given user's devices; return those to push now.
+
+        `late`: the event happened while the service could not hear it (it was
+        spooled); whatever its kind, it has waited long enough.
+        """
         if event.name not in IMMEDIATE and event.name not in DELAYED:
             return []
-        targets = [d for d in devices if wants(d, event.mailbox)]
-        if event.name in IMMEDIATE:
+        targets = [d for d in devices if _concerns(event, d)]
+        if event.name in IMMEDIATE or late:
             for device in targets:
                 self._pending.pop(device.key, None)
             return targets
@@ -69,6 +84,10 @@ class Dispatcher:
 
     def next_due(self) -> float | None:
         return min((p.due for p in self._pending.values()), default=None)
+
+    def __len__(self) -> int:
+        """Devices with a delayed push waiting."""
+        return len(self._pending)
 
     def flush(self) -> list[Registration]:
         """Everything pending, now: for a shutdown that must not lose a push."""

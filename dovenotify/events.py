@@ -3,7 +3,8 @@
 One event per line, UTF-8, TAB-separated, LF-terminated:
     <EventName> TAB <username> TAB <mailbox> TAB <service> [TAB <more fields>] LF
 `%`, TAB, CR and LF inside username and mailbox are sent as %25, %09, %0D, %0A.
-Fields after the fourth are ignored, so the script can grow without breaking us.
+MailboxRename carries the old name as a fifth field. Other fields after the
+fourth are ignored, so the script can grow without breaking us.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Event:
     username: str
     mailbox: str
     service: str
+    # MailboxRename only: the name before.
+    old_mailbox: str = ""
 
 
 @attrs.frozen
@@ -62,7 +65,8 @@ def decode_line(raw: bytes) -> Event | BadLine:
         return BadLine(f"unknown event {name!r}", excerpt)
     if not username:
         return BadLine("empty username", excerpt)
-    return Event(name, unescape(username), unescape(mailbox), service)
+    old = unescape(fields[4]) if name == "MailboxRename" and len(fields) > 4 else ""
+    return Event(name, unescape(username), unescape(mailbox), service, old)
 
 
 class EventDecoder:

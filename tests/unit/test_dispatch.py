@@ -70,3 +70,21 @@ def test_outbox_gives_up_after_the_deadline():
         if not box.failed(taken, now):
             break
     assert now >= 10 and len(box) == 0
+
+
+def test_rename_and_delete_push_devices_that_registered_the_old_name_after_delay():
+    d = Dispatcher(delay=30, max_delay=120)
+    renamed = Event("MailboxRename", "alice", "Done", "imap", old_mailbox="Work")
+    assert d.event(renamed, [PHONE, IPAD], 0) == []
+    assert d.due(30) == [PHONE]
+    assert d.event(ev("MailboxDelete", "Notes"), [PHONE, IPAD], 40) == []
+    assert d.due(70) == [IPAD]
+    assert d.event(ev("MailboxCreate", "Work"), [PHONE, IPAD], 80) == []
+    assert d.next_due() is None
+
+
+def test_late_events_push_at_once_whatever_their_kind():
+    d = Dispatcher(delay=30, max_delay=120)
+    d.event(ev("FlagsSet"), [PHONE], 0)
+    assert d.event(ev("MessageExpunge"), [PHONE, IPAD], 1, late=True) == [PHONE]
+    assert d.next_due() is None

@@ -18,7 +18,16 @@ import httpx
 import trio
 
 from dovenotify import __version__
-from dovenotify.apns import PRODUCTION, Outcome, Push, build_request, classify, transport_failure
+from dovenotify.apns import (
+    PRODUCTION,
+    Action,
+    Outcome,
+    Push,
+    build_request,
+    classify,
+    transport_failure,
+)
+from dovenotify.apns_token import TokenSigner
 from dovenotify.certificates import Credentials, client_ssl_context
 
 # httpx caps a connection at 100 concurrent streams and can fail with "Max outbound
@@ -33,12 +42,22 @@ _FAILURES = (
     trio.BrokenResourceError,
 )
 
+# TLS alerts by which a server refuses the client certificate (OpenSSL's names).
+_CERTIFICATE_ALERTS = (
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_CERTIFICATE_",  # _EXPIRED, _REVOKED, _UNKNOWN, _UNSUPPORTED, _REQUIRED
+    "ALERT_ACCESS_DENIED",
+    "ALERT_HANDSHAKE_FAILURE",
+)
+
 
 class ApnsSender:
     def __init__(
         self,
-        credentials: Credentials,
+        credentials: Credentials | None,
         *,
+        token: TokenSigner | None = None,
         endpoint: str = PRODUCTION,
         ca_file: Path | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
@@ -48,6 +67,7 @@ class ApnsSender:
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self._clock = clock
+        self._token = token
         self._limiter = trio.CapacityLimiter(max_in_flight)
         self._client = httpx.AsyncClient(
             http1=False,
@@ -68,14 +88,16 @@ class ApnsSender:
         request = build_request(push, self._clock())
         async with self._limiter:
             for attempt in range(2):
+                headers = request.headers
+                if self._token is not None:
+                    headers = {**headers, "authorization": f"bearer {self._token.token()}"}
                 try:
                     response = await self._client.post(
-                        request.path, headers=request.headers, content=request.body
+                        request.path, headers=headers, content=request.body
                     )
-                    break
                 except (httpx.TimeoutException, httpx.ConnectError) as error:
                     # A fresh connection was just tried, or waiting longer would not help.
-                    return transport_failure(_describe(error))
+                    return _refused_certificate(error) or transport_failure(_describe(error))
                 except _FAILURES as error:
                     # httpcore does not watch idle HTTP/2 connections: one the server
                     # closed (GOAWAY, idle timeout) is only found dead by the next request
@@ -83,7 +105,21 @@ class ApnsSender:
                     # that; a duplicate push, should the first have arrived, is harmless.
                     if attempt:
                         return transport_failure(_describe(error))
-        return classify(response.status_code, response.content, response.headers.get("apns-id"))
+                    continue
+                outcome = classify(
+                    response.status_code, response.content, response.headers.get("apns-id")
+                )
+                if attempt or not self._renewed_token(outcome):
+                    return outcome
+        return outcome
+
+    def _renewed_token(self, outcome: Outcome) -> bool:
+        return (
+            self._token is not None
+            and outcome.action is Action.CONFIG_ERROR
+            and outcome.reason == "ExpiredProviderToken"
+            and self._token.expired()
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -98,6 +134,22 @@ class ApnsSender:
         traceback: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _refused_certificate(error: BaseException) -> Outcome | None:
+    """APNs refused our client certificate in the TLS handshake: not worth retrying."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ssl.SSLError) and not isinstance(cause, ssl.SSLCertVerificationError):
+            text = str(cause)
+            if any(alert in text for alert in _CERTIFICATE_ALERTS):
+                return Outcome(
+                    Action.CONFIG_ERROR,
+                    None,
+                    f"APNs refused our client certificate in the TLS handshake ({text})",
+                )
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _describe(error: BaseException) -> str:

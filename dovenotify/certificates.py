@@ -115,15 +115,25 @@ def load_credentials(
     )
 
 
-def client_ssl_context(credentials: Credentials, ca_file: Path | None = None) -> ssl.SSLContext:
-    """A TLS client context for APNs: TLS 1.2+, ALPN h2, system trust plus `ca_file`."""
+def client_ssl_context(
+    credentials: Credentials | None, ca_file: Path | None = None
+) -> ssl.SSLContext:
+    """A TLS client context for APNs: TLS 1.2+, ALPN h2, system trust plus `ca_file`.
+
+    Without credentials (token authentication) no client certificate is presented.
+    """
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if ca_file is not None:
         context.load_verify_locations(cafile=str(ca_file))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["h2"])
-    with _cert_chain_file(credentials) as (path, password):
-        context.load_cert_chain(path, password=password)
+    if credentials is not None:
+        # In TLS 1.2 a server that refuses the client certificate says so during the
+        # handshake; in 1.3 the refusal comes after it and shows up as a broken pipe
+        # on the first request, indistinguishable from a network failure.
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        with _cert_chain_file(credentials) as (path, password):
+            context.load_cert_chain(path, password=password)
     return context
 
 

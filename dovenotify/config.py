@@ -16,6 +16,7 @@ import yaml
 
 DEFAULT_PATH = Path("/etc/dovenotify/dovenotify.yaml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SANDBOX_ENDPOINT = "https://api.sandbox.push.apple.com"
 
 
 class ConfigError(Exception):
@@ -32,6 +33,16 @@ class ApnsConfig:
     push_type: str = "background"
     expiration: int = 86400
     priority: int | None = None
+    # Apple's development environment; switches the default endpoint.
+    sandbox: bool = False
+    # One of the certificate's topics (topics extension); default: its subject UID.
+    topic: str | None = None
+    # Seconds to wait for APNs (connect, TLS handshake, answer) before retrying.
+    timeout: float = 10.0
+    # Token authentication instead of a client certificate (.p8 key from Apple).
+    token_key: Path | None = None
+    key_id: str | None = None
+    team_id: str | None = None
 
 
 @attrs.frozen
@@ -57,6 +68,8 @@ class Config:
     # Seconds a registration lasts unless the device registers again (iOS does at
     # every connection); older ones get no pushes and are deleted.
     registration_ttl: float = 30 * 86400.0
+    # How long a push that keeps failing for transient reasons is retried.
+    retry_deadline: float = 3600.0
 
 
 # --- schema -----------------------------------------------------------------
@@ -107,6 +120,12 @@ def _choice(*choices: object) -> Check:
     return check
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
 def _endpoint(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("https://"):
         raise ValueError("expected an https:// URL")
@@ -128,6 +147,12 @@ APNS_KEYS: dict[str, Check] = {
     "push_type": _choice("background", "alert"),
     "expiration": _number(0, 30 * 86400, integer=True),
     "priority": _optional(_choice(1, 5, 10)),
+    "sandbox": _boolean,
+    "topic": _optional(_string("an APNs topic")),
+    "timeout": _number(0.1, 300),
+    "token_key": _optional(_path),
+    "key_id": _optional(_string("the key id Apple shows for the .p8 key")),
+    "team_id": _optional(_string("your Apple developer team id")),
 }
 
 TOP_KEYS: dict[str, Check] = {
@@ -143,6 +168,7 @@ TOP_KEYS: dict[str, Check] = {
     "relay_peers": _names,
     "user_lookup": _optional(_string("a userdb field name")),
     "registration_ttl": _number(60, 10 * 365 * 86400),
+    "retry_deadline": _number(0, 7 * 86400),
 }
 
 
@@ -175,7 +201,10 @@ def parse(text: str, path: Path) -> Config:
     values = _check_keys(top, TOP_KEYS, path, lines, prefix=(), nested={"apns"})
     if "apns" in top:
         apns = _mapping(top["apns"], path, "apns", lines.get(("apns",)))
-        values["apns"] = ApnsConfig(**_check_keys(apns, APNS_KEYS, path, lines, prefix=("apns",)))
+        apns_values = _check_keys(apns, APNS_KEYS, path, lines, prefix=("apns",))
+        if apns_values.get("sandbox") and "endpoint" not in apns_values:
+            apns_values["endpoint"] = SANDBOX_ENDPOINT
+        values["apns"] = ApnsConfig(**apns_values)
     return _resolve_relative_paths(Config(path=path, **values))
 
 
@@ -247,6 +276,7 @@ def _resolve_relative_paths(config: Config) -> Config:
         key=fix(config.apns.key),
         password_file=fix(config.apns.password_file),
         ca_file=fix(config.apns.ca_file),
+        token_key=fix(config.apns.token_key),
     )
     database = config.database
     if "://" not in database and not Path(database).is_absolute():

@@ -34,8 +34,11 @@ class Outbox:
             # visible to it, so one more push follows.
             self._in_flight[key] = True
             return
-        # A push waiting out a backoff goes now: something new happened.
-        self._waiting.pop(key, None)
+        if key in self._waiting:
+            # The push waiting out its backoff covers this event too; sending it
+            # early would let a stream of mail defeat the backoff.
+            self._waiting[key] = (registration, self._waiting[key][1])
+            return
         self._ready[key] = registration
 
     def take(self, now: float) -> Registration | None:
@@ -68,8 +71,67 @@ class Outbox:
         self._waiting[key] = (registration, now + backoff)
         return True
 
+    def hold(self, registration: Registration) -> None:
+        """Not sent, through no fault of the device (sending is paused): ready again."""
+        key = registration.key
+        self._in_flight.pop(key, None)
+        self._ready[key] = registration
+
     def next_retry(self) -> float | None:
         return min((at for _, at in self._waiting.values()), default=None)
 
     def __len__(self) -> int:
         return len(self._ready) + len(self._in_flight) + len(self._waiting)
+
+
+@attrs.define
+class Gate:
+    """Whether sending may go on at all, whatever the device.
+
+    A failure without an answer (refused, reset, timed out) says nothing about the
+    device and everything about the connection: every pending push would fail the
+    same way, so the gate closes for a growing backoff instead of letting each
+    device reconnect on its own (APNs treats rapid reconnects as abuse). A
+    configuration error (certificate refused, topic not allowed) closes it until
+    new credentials are loaded, with one probe every `refused_probe` seconds in
+    case the cause went away on Apple's side.
+    """
+
+    max_backoff: float = 60.0
+    refused_probe: float = 600.0
+    jitter: Callable[[], float] = random.random
+    refused: str | None = None
+    _opens_at: float = 0.0
+    _failures: int = 0
+
+    def is_open(self, now: float) -> bool:
+        return now >= self._opens_at
+
+    def opens_at(self) -> float:
+        return self._opens_at
+
+    def answered(self) -> None:
+        """APNs answered: the connection works."""
+        self._failures = 0
+        self.refused = None
+
+    def transport_failed(self, now: float) -> None:
+        # Pushes in flight when the connection broke all fail together: one failure.
+        if now < self._opens_at:
+            return
+        backoff = min(self.max_backoff, 2.0 ** min(self._failures, 16)) * (0.5 + self.jitter())
+        self._failures += 1
+        self._opens_at = now + backoff
+
+    def refuse(self, reason: str, now: float) -> bool:
+        """Close until new credentials; True the first time, when the alarm is due."""
+        first = self.refused is None
+        self.refused = reason
+        self._opens_at = now + self.refused_probe
+        return first
+
+    def reopen(self) -> None:
+        """New credentials: try again now."""
+        self.refused = None
+        self._failures = 0
+        self._opens_at = 0.0

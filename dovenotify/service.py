@@ -1,7 +1,8 @@
 """`dovenotify serve`: wires listeners, dispatcher, outbox and sender in one nursery.
 
 Signals: SIGTERM/SIGINT stop accepting, push whatever is pending (delayed pushes
-included) for up to `drain_timeout` seconds, then exit.
+included) for up to `drain_timeout` seconds, then exit. SIGHUP loads the APNs
+credentials again (a replaced certificate) and resumes sending if it was paused.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import attrs
 import trio
 
 from . import apns, certificates, relay
+from . import config as configuration
+from .apns_auth import Auth, expiry_warning, load_auth, open_sender
 from .apns_sender import ApnsSender
 from .config import Config
 from .dispatch import Dispatcher
 from .events import BadLine, Event, EventDecoder
-from .outbox import Outbox
+from .outbox import Gate, Outbox
 from .registration_expiry import sweep_expired, unexpired
 from .store import Registration, SQLiteStore, open_store
 
@@ -31,6 +34,8 @@ log = logging.getLogger("dovenotify")
 EVENT_CONNECTION_TIMEOUT = 10.0
 SEND_CONCURRENCY = 64
 DRAIN_TIMEOUT = 10.0
+EXPIRY_CHECK_INTERVAL = 3600.0
+NOT_FOR_TOPIC = apns.Action.TOKEN_NOT_FOR_TOPIC.value
 
 
 @attrs.define
@@ -38,9 +43,11 @@ class Service:
     config: Config
     store: SQLiteStore
     sender: ApnsSender
-    topic: str
+    auth: Auth
     dispatcher: Dispatcher = attrs.field(factory=Dispatcher)
     outbox: Outbox = attrs.field(factory=Outbox)
+    gate: Gate = attrs.field(factory=Gate)
+    _expiry_warned: int | None = None
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _progress: trio.Event = attrs.field(factory=trio.Event)
 
@@ -76,6 +83,10 @@ class Service:
             self.outbox.submit(device)
         self._wakeup.set()
 
+    @property
+    def topic(self) -> str:
+        return self.auth.topic
+
     # --- registrations ---------------------------------------------------
 
     async def register(self, registration: Registration) -> None:
@@ -91,11 +102,22 @@ class Service:
                 now = trio.current_time()
                 for device in self.dispatcher.due(now):
                     self.outbox.submit(device)
-                while limit.available_tokens and (device := self.outbox.take(now)):
+                while (
+                    self.gate.is_open(now)
+                    # While APNs refuses us, one probe at a time.
+                    and (self.gate.refused is None or not limit.borrowed_tokens)
+                    and limit.available_tokens
+                    and (device := self.outbox.take(now))
+                ):
                     await limit.acquire_on_behalf_of(device)
                     nursery.start_soon(self._send, device, limit)
+                retry = self.outbox.next_retry()
+                if retry is not None:
+                    retry = max(retry, self.gate.opens_at())
+                elif len(self.outbox) and not self.gate.is_open(now):
+                    retry = self.gate.opens_at()
                 deadline = min(
-                    (t for t in (self.dispatcher.next_due(), self.outbox.next_retry()) if t),
+                    (t for t in (self.dispatcher.next_due(), retry) if t),
                     default=None,
                 )
                 self._wakeup = trio.Event()
@@ -104,6 +126,9 @@ class Service:
 
     async def _send(self, device: Registration, limit: trio.CapacityLimiter) -> None:
         try:
+            if not await self._pushable(device):
+                self.outbox.delivered(device)
+                return
             push = apns.Push(
                 device_token=device.device_token,
                 topic=device.topic,
@@ -119,10 +144,48 @@ class Service:
             self._wakeup.set()
             self._progress.set()
 
+    async def _pushable(self, device: Registration) -> bool:
+        """Not for a registration the current credentials cannot push to.
+
+        It stays (the device re-registers under the new topic at its next login),
+        and `dovenotify devices` shows why it gets no pushes.
+        """
+        if (
+            device.last_push_result is not None
+            and device.last_push_result.startswith(NOT_FOR_TOPIC)
+            and device.last_push_at is not None
+            and device.last_push_at >= device.registered_at
+        ):
+            return False
+        if device.topic in self.auth.topics:
+            return True
+        result = f"not pushed: topic {device.topic} is not served by {self.auth.describe()}"
+        if device.last_push_result != result:
+            log.warning("%s is registered for another topic: %s", _who(device), result)
+            await trio.to_thread.run_sync(self.store.record_push, device.key, time.time(), result)
+        return False
+
     async def _record(self, device: Registration, outcome: apns.Outcome) -> None:
         result = describe(outcome)
+        now = trio.current_time()
+        if outcome.status is None and outcome.action is apns.Action.RETRY:
+            self.gate.transport_failed(now)
+        elif outcome.action is apns.Action.CONFIG_ERROR:
+            # Every push would be refused alike: keep them all until it is fixed.
+            self.outbox.hold(device)
+            if self.gate.refuse(result, now):
+                log.error(
+                    "APNs refused a push to %s: %s. Sending is paused until the"
+                    " credentials are fixed and dovenotify is reloaded (SIGHUP);"
+                    " pending pushes are kept.",
+                    _who(device),
+                    result,
+                )
+            return
+        else:
+            self.gate.answered()
         if outcome.action is apns.Action.RETRY:
-            if self.outbox.failed(device, trio.current_time()):
+            if self.outbox.failed(device, now):
                 log.info("push to %s will be retried: %s", _who(device), result)
             else:
                 log.warning("gave up pushing to %s: %s", _who(device), result)
@@ -144,8 +207,55 @@ class Service:
             )
             if removed:
                 log.info("removed %s: APNs says %s", _who(device), outcome.reason)
-        elif outcome.action is apns.Action.CONFIG_ERROR:
-            log.error("APNs refused a push to %s: %s", _who(device), result)
+        elif outcome.action is apns.Action.TOKEN_NOT_FOR_TOPIC:
+            log.warning(
+                "%s: APNs says the token does not belong to topic %s; no more pushes"
+                " to it until the device registers again",
+                _who(device),
+                device.topic,
+            )
+
+    # --- credentials -----------------------------------------------------
+
+    async def reload(self) -> None:
+        """Load the credentials again (SIGHUP), and resume sending with them."""
+        try:
+            apns_config = configuration.load(self.config.path).apns
+            auth = load_auth(apns_config)
+        except (configuration.ConfigError, certificates.CertificateError) as error:
+            log.error("reload failed, still using %s: %s", self.auth.describe(), error)
+            return
+        old, self.sender = self.sender, open_sender(apns_config, auth)
+        self.auth = auth
+        self.config = attrs.evolve(self.config, apns=apns_config)
+        self._expiry_warned = None
+        self.check_expiry()
+        self.gate.reopen()
+        self._wakeup.set()
+        log.info("reloaded: now using %s", auth.describe())
+        # Pushes still in flight on the old connection come back as retries.
+        await old.aclose()
+
+    def check_expiry(self) -> None:
+        credentials = self.auth.credentials
+        if credentials is None:
+            return
+        days = credentials.days_left()
+        threshold = expiry_warning(days)
+        if threshold is not None and threshold != self._expiry_warned:
+            self._expiry_warned = threshold
+            log.warning(
+                "the APNs certificate %s expires on %s, in %.0f days: replace it before then"
+                " (`dovenotify cert import`, then reload)",
+                credentials.source,
+                f"{credentials.not_after:%Y-%m-%d %H:%M} UTC",
+                days,
+            )
+
+    async def watch_expiry(self) -> None:
+        while True:
+            self.check_expiry()
+            await trio.sleep(EXPIRY_CHECK_INTERVAL)
 
     # --- shutdown --------------------------------------------------------
 
@@ -203,12 +313,15 @@ def _notify_ready() -> None:
 
 
 async def serve(config: Config) -> None:
-    credentials = certificates.load_credentials(
-        config.apns.certificate, config.apns.key, _password(config)
-    )
+    auth = load_auth(config.apns)
     store = open_store(config.database)
-    sender = ApnsSender(credentials, endpoint=config.apns.endpoint, ca_file=config.apns.ca_file)
-    service = Service(config=config, store=store, sender=sender, topic=credentials.topic)
+    service = Service(
+        config=config,
+        store=store,
+        sender=open_sender(config.apns, auth),
+        auth=auth,
+        outbox=Outbox(retry_deadline=config.retry_deadline),
+    )
     the_relay = relay.Relay(
         topic=lambda: service.topic,
         register=service.register,
@@ -217,36 +330,32 @@ async def serve(config: Config) -> None:
     events = _unix_listener(config.event_socket, 0o666)
     relayed = _unix_listener(config.relay_socket, 0o666)
     try:
-        async with sender, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             nursery.start_soon(service.serve_events, events)
             nursery.start_soon(the_relay.serve, relayed)
             nursery.start_soon(service.run_sender)
             nursery.start_soon(sweep_expired, store, config.registration_ttl)
+            nursery.start_soon(service.watch_expiry)
             log.info(
-                "dovenotify is running: events on %s, relay on %s, topic %s, APNs %s",
+                "dovenotify is running: events on %s, relay on %s, %s, APNs %s",
                 config.event_socket,
                 config.relay_socket,
-                credentials.topic,
+                auth.describe(),
                 config.apns.endpoint,
             )
             _notify_ready()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        log.info("SIGHUP: reloading is not supported yet; nothing changed")
+                        await service.reload()
                         continue
                     log.info("stopping on %s", signal.Signals(signum).name)
                     break
             await service.drain()
             nursery.cancel_scope.cancel()
+        await service.sender.aclose()
     finally:
         for path in (config.event_socket, config.relay_socket):
             with contextlib.suppress(OSError):
                 path.unlink()
         store.close()
-
-
-def _password(config: Config) -> bytes | None:
-    if config.apns.password_file is None:
-        return None
-    return config.apns.password_file.read_bytes().rstrip(b"\r\n")

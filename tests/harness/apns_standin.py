@@ -26,9 +26,11 @@ import attrs
 import pytest
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from dovenotify.apns_token import verify_token
 from tests.harness.certs import Pki
 
 
@@ -75,6 +77,11 @@ class ApnsStandin:
     # Answers used in order, one per request; then `responder` answers.
     answers: deque[AnswerLike] = attrs.field(factory=deque)
     responder: Responder = _delivered
+    # Token authentication: verify each request's bearer token against this key, as
+    # APNs does, and answer 403 when it is missing or wrong.
+    token_key: ec.EllipticCurvePublicKey | None = None
+    # (header, claims) of every valid token seen.
+    tokens: list[tuple[dict[str, Any], dict[str, Any]]] = attrs.field(factory=list)
     _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _arrivals: tuple[
         trio.MemorySendChannel[RecordedRequest], trio.MemoryReceiveChannel[RecordedRequest]
@@ -129,7 +136,7 @@ class ApnsStandin:
         self.requests.append(request)
         self._arrivals[0].send_nowait(request)
 
-        answer = await self._answer_for(request)
+        answer = self._check_token(request) or await self._answer_for(request)
         if answer.hang:
             await trio.sleep_forever()
         if isinstance(answer.body, dict):
@@ -145,6 +152,18 @@ class ApnsStandin:
             {"type": "http.response.start", "status": answer.status, "headers": response_headers}
         )
         await send({"type": "http.response.body", "body": payload})
+
+    def _check_token(self, request: RecordedRequest) -> Answer | None:
+        if self.token_key is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return Answer(403, {"reason": "MissingProviderToken"})
+        try:
+            self.tokens.append(verify_token(token, self.token_key))
+        except ValueError:
+            return Answer(403, {"reason": "InvalidProviderToken"})
+        return None
 
     async def _answer_for(self, request: RecordedRequest) -> Answer:
         answer = self.answers.popleft() if self.answers else self.responder(request)
@@ -162,24 +181,30 @@ async def run_apns_standin(
     answers: tuple[AnswerLike, ...] = (),
     responder: Responder = _delivered,
     keep_alive_timeout: float = 5,
+    keep_alive_max_requests: int = 1000,
     port: int = 0,
+    token_key: ec.EllipticCurvePublicKey | None = None,
 ) -> AsyncIterator[ApnsStandin]:
     """Serve the stand-in until the block ends; answers come from `answers`, then `responder`.
 
     `port` 0 picks a free one; give a previous stand-in's port to play a restarted APNs.
+    After `keep_alive_max_requests` requests on a connection it sends GOAWAY. With
+    `token_key` it wants token authentication instead of a client certificate.
     """
     config = _StandinConfig()
     config.bind = [f"127.0.0.1:{port}"]
     config.certfile = str(pki.server_cert)
     config.keyfile = str(pki.server_key)
-    config.ca_certs = str(pki.client_ca_file)
-    config.verify_mode = ssl.VerifyMode.CERT_REQUIRED
+    if token_key is None:
+        config.ca_certs = str(pki.client_ca_file)
+        config.verify_mode = ssl.VerifyMode.CERT_REQUIRED
     config.keep_alive_timeout = keep_alive_timeout
+    config.keep_alive_max_requests = keep_alive_max_requests
     config.graceful_timeout = 1
     # To pytest's log capture rather than stderr: some tests fail handshakes on purpose.
     config.errorlog = logging.getLogger("tests.apns_standin")
 
-    standin = ApnsStandin(url="", ca_file=pki.ca_file, responder=responder)
+    standin = ApnsStandin(url="", ca_file=pki.ca_file, responder=responder, token_key=token_key)
     standin.answers.extend(answers)
     config.on_handshake = lambda der: standin.peer_certificates.append(
         x509.load_der_x509_certificate(der)

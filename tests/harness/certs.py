@@ -22,7 +22,7 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -54,11 +54,16 @@ class Pki:
     # Issuer of the client certificates; the APNs stand-in requires one from it.
     client_ca_file: Path
     client: ClientCert  # legacy mail certificate: UID=com.apple.mail.XServer.<uuid>
+    client_renewed: ClientCert  # same subject and topic as `client`, new key
     client_with_topics: ClientCert  # universal shape, with the topics extension
     client_expired: ClientCert
+    client_expiring: ClientCert  # 5 days left: inside the 7-day warning
     client_stranger: ClientCert  # well-formed, but from an issuer the stand-in does not trust
     client_without_uid: Path  # combined PEM whose subject has no UID
     stray_key: Path  # a PEM key that belongs to no certificate here
+    # Token authentication: an Apple-style .p8 key (PKCS#8 PEM, EC P-256).
+    token_key: Path
+    token_public_key: ec.EllipticCurvePublicKey
 
 
 def make_test_pki(directory: Path) -> Pki:
@@ -88,6 +93,10 @@ def make_test_pki(directory: Path) -> Pki:
     client = _write_client(
         directory / "client", issuer.issue(subject, now - timedelta(days=1), now + timedelta(365))
     )
+    client_renewed = _write_client(
+        directory / "client-renewed",
+        issuer.issue(subject, now - timedelta(hours=1), now + timedelta(400)),
+    )
 
     universal_topic = "com.apple.mobilemail.push.test.example"
     universal = issuer.issue(
@@ -107,6 +116,10 @@ def make_test_pki(directory: Path) -> Pki:
     client_expired = _write_client(directory / "client-expired", expired)
 
     subject = legacy_subject()
+    expiring = issuer.issue(subject, now - timedelta(days=360), now + timedelta(days=5))
+    client_expiring = _write_client(directory / "client-expiring", expiring)
+
+    subject = legacy_subject()
     stranger_issuer = _Issuer.create("Stranger CA")
     client_stranger = _write_client(
         directory / "client-stranger",
@@ -124,6 +137,16 @@ def make_test_pki(directory: Path) -> Pki:
     stray_key = directory / "stray.key"
     stray_key.write_bytes(_key_pem(_new_key()))
 
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    token_key = directory / "AuthKey_TESTKEY123.p8"
+    token_key.write_bytes(
+        ec_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
     return Pki(
         directory=directory,
         ca_file=ca_file,
@@ -131,11 +154,15 @@ def make_test_pki(directory: Path) -> Pki:
         server_key=server_key,
         client_ca_file=client_ca_file,
         client=client,
+        client_renewed=client_renewed,
         client_with_topics=client_with_topics,
         client_expired=client_expired,
+        client_expiring=client_expiring,
         client_stranger=client_stranger,
         client_without_uid=client_without_uid,
         stray_key=stray_key,
+        token_key=token_key,
+        token_public_key=ec_key.public_key(),
     )
 
 

@@ -1,0 +1,103 @@
+"""From the `apns` configuration to what the sender authenticates with, and which topics.
+
+Two ways to authenticate: a client certificate (its subject UID is the topic, and
+a universal certificate serves the topics in its topics extension too), or a
+token signed with a .p8 key (the topic is then whatever `apns.topic` says).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import attrs
+
+from .apns_sender import ApnsSender
+from .apns_token import TokenSigner, load_token_key
+from .certificates import CertificateError, Credentials, load_credentials
+from .config import ApnsConfig
+
+# Days before expiry at which the log warns, once each.
+EXPIRY_WARNINGS = (30, 7, 1)
+
+
+@attrs.frozen
+class Auth:
+    credentials: Credentials | None
+    token: TokenSigner | None
+    # What new registrations are told and pushes to them use.
+    topic: str
+    # Every topic these credentials can push to (registrations keep the topic they got).
+    topics: frozenset[str]
+
+    def describe(self) -> str:
+        if self.credentials is None:
+            return f"token key {self.token.key_id if self.token else '?'}, topic {self.topic}"
+        return f"certificate {self.credentials.source}, topic {self.topic}"
+
+
+def load_auth(apns: ApnsConfig, clock: Callable[[], float] = time.time) -> Auth:
+    """Load and check the credentials the configuration names; CertificateError if unusable."""
+    if apns.token_key is not None:
+        return _token_auth(apns, clock)
+    if apns.certificate is None:
+        raise CertificateError(
+            "apns.certificate is not set: name your APNs certificate file"
+            " (or use token authentication: apns.token_key, key_id, team_id, topic)"
+        )
+    credentials = load_credentials(apns.certificate, apns.key, read_password(apns.password_file))
+    now = datetime.fromtimestamp(clock(), UTC)
+    if credentials.is_expired(now):
+        raise CertificateError(
+            f"{credentials.source}: the certificate expired on"
+            f" {credentials.not_after:%Y-%m-%d} ({-credentials.days_left(now):.0f} days ago);"
+            " APNs will refuse it. Import a valid one with `dovenotify cert import`."
+        )
+    topics = frozenset({credentials.topic, *credentials.topics})
+    topic = apns.topic or credentials.topic
+    if topic not in topics:
+        raise CertificateError(
+            f"apns.topic '{topic}': the certificate in {credentials.source} serves only "
+            + ", ".join(sorted(topics))
+        )
+    return Auth(credentials, None, topic, topics)
+
+
+def _token_auth(apns: ApnsConfig, clock: Callable[[], float]) -> Auth:
+    missing = [name for name in ("key_id", "team_id", "topic") if not getattr(apns, name)]
+    if missing:
+        raise CertificateError(
+            "token authentication (apns.token_key) also needs "
+            + ", ".join(f"apns.{name}" for name in missing)
+        )
+    assert apns.token_key and apns.key_id and apns.team_id and apns.topic
+    signer = TokenSigner(load_token_key(apns.token_key), apns.key_id, apns.team_id, clock)
+    return Auth(None, signer, apns.topic, frozenset({apns.topic}))
+
+
+def open_sender(apns: ApnsConfig, auth: Auth) -> ApnsSender:
+    return ApnsSender(
+        auth.credentials,
+        token=auth.token,
+        endpoint=apns.endpoint,
+        ca_file=apns.ca_file,
+        timeout=apns.timeout,
+    )
+
+
+def read_password(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes().rstrip(b"\r\n")
+    except OSError as error:
+        raise CertificateError(
+            f"{path}: cannot read the password file: {error.strerror or error}"
+        ) from error
+
+
+def expiry_warning(days_left: float) -> int | None:
+    """The warning threshold (30, 7, 1 days) `days_left` has reached, if any."""
+    return min((days for days in EXPIRY_WARNINGS if days_left <= days), default=None)

@@ -13,6 +13,7 @@ from typing import Any
 from . import cli_db, cli_devices, cli_doctor, dovecot_config
 from . import config as configuration
 from .store import StoreError, iso, open_store
+from .usernames import UserKeys
 
 DOVECOT_FILES = ("dovenotify.lua", "postlogin.py")
 
@@ -101,9 +102,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    store = open_store(load_config(args).database)
+    config = load_config(args)
+    # Registrations are stored under the user key: accept any spelling of the name.
+    keys = UserKeys(config.username_format, config.default_domain)
+    user = keys.key(args.user) if args.user else None
+    store = open_store(config.database)
     try:
-        devices = store.devices(args.user)
+        devices = store.devices(user)
     finally:
         store.close()
     if args.json:
@@ -112,6 +117,7 @@ def _devices(args: argparse.Namespace) -> int:
     if not devices:
         print("No devices registered" + (f" for {args.user}." if args.user else "."))
         return 0
+    # USER is the key events are matched by: the name after username_format.
     rows = [("USER", "ACCOUNT", "DEVICE", "MAILBOXES", "REGISTERED", "LAST PUSH")]
     for d in devices:
         last = f"{iso(d.last_push_at)} {d.last_push_result}" if d.last_push_at else "never"
@@ -148,6 +154,7 @@ def _dovecot(args: argparse.Namespace) -> int:
             relay_socket=config.relay_socket,
             relay_timeout=config.relay_timeout,
             user_field=config.user_lookup,
+            event_spool=config.event_spool,
         ),
         end="",
     )

@@ -65,6 +65,21 @@ class Config:
     # Users allowed to hand connections to the relay (they assert who logged in).
     relay_peers: tuple[str, ...] = ("root", "dovecot")
     user_lookup: str | None = None
+    # How IMAP logins and LMTP recipients become one key (see usernames.py).
+    username_format: str = "lowercase"
+    default_domain: str | None = None
+    # Changes other than new mail wait `delay` seconds for more to coalesce, but
+    # never more than `max_delay` after the first one.
+    delay: float = 30.0
+    max_delay: float = 120.0
+    # Dovecot services whose events push; doveadm (and dsync through it) is left
+    # out because it replays changes the devices' own sessions already made.
+    push_services: tuple[str, ...] = ("imap", "lmtp", "lda", "pop3")
+    # Who may send events (users or uids; @group or @gid for a group). None: anyone
+    # who can connect to the socket.
+    event_peers: tuple[str, ...] | None = None
+    # Where the Lua driver appends the events it could not send; drained by the service.
+    event_spool: Path = Path("/var/lib/dovenotify/events.spool")
     # Seconds a registration lasts unless the device registers again (iOS does at
     # every connection); older ones get no pushes and are deleted.
     registration_ttl: float = 30 * 86400.0
@@ -126,6 +141,23 @@ def _boolean(value: Any) -> bool:
     return value
 
 
+def _words(what: str) -> Check:
+    def check(value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(
+            isinstance(v, str | int) and not isinstance(v, bool) and str(v) for v in value
+        ):
+            raise ValueError(f"expected a list of {what}")
+        return tuple(str(v) for v in value)
+
+    return check
+
+
+def _domain(value: Any) -> str:
+    if not isinstance(value, str) or not value or "@" in value or value != value.strip():
+        raise ValueError("expected a mail domain such as example.org")
+    return value.lower()
+
+
 def _endpoint(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("https://"):
         raise ValueError("expected an https:// URL")
@@ -167,6 +199,13 @@ TOP_KEYS: dict[str, Check] = {
     "relay_timeout": _number(0.05, 10),
     "relay_peers": _names,
     "user_lookup": _optional(_string("a userdb field name")),
+    "username_format": _choice("lowercase", "localpart", "full"),
+    "default_domain": _optional(_domain),
+    "delay": _number(0, 3600),
+    "max_delay": _number(0, 86400),
+    "push_services": _words("Dovecot service names (imap, lmtp, lda, pop3, doveadm)"),
+    "event_peers": _optional(_words("users or uids, and @groups or @gids")),
+    "event_spool": _path,
     "registration_ttl": _number(60, 10 * 365 * 86400),
     "retry_deadline": _number(0, 7 * 86400),
 }
@@ -205,7 +244,29 @@ def parse(text: str, path: Path) -> Config:
         if apns_values.get("sandbox") and "endpoint" not in apns_values:
             apns_values["endpoint"] = SANDBOX_ENDPOINT
         values["apns"] = ApnsConfig(**apns_values)
+    _check_together(values, path, lines)
     return _resolve_relative_paths(Config(path=path, **values))
+
+
+def _check_together(
+    values: Mapping[str, Any], path: Path, lines: Mapping[tuple[str, ...], int]
+) -> None:
+    """Keys that are each fine but do not fit together."""
+    defaults = Config(path=path)
+    delay = values.get("delay", defaults.delay)
+    max_delay = values.get("max_delay", defaults.max_delay)
+    if max_delay < delay:
+        where = f"{path} line {lines.get(('max_delay',), lines.get(('delay',), '?'))}"
+        raise ConfigError(
+            f"{where}: max_delay ({max_delay:g} s) is shorter than delay ({delay:g} s);"
+            " it bounds how long delay may postpone a push, so it must be at least as long"
+        )
+    if values.get("username_format") == "full" and not values.get("default_domain"):
+        where = f"{path} line {lines.get(('username_format',), '?')}"
+        raise ConfigError(
+            f"{where}: username_format 'full' needs default_domain, the domain added"
+            " to user names that have none (e.g. default_domain: example.org)"
+        )
 
 
 def _key_lines(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], int]:
@@ -288,4 +349,5 @@ def _resolve_relative_paths(config: Config) -> Config:
         event_socket=fix(config.event_socket),
         relay_socket=fix(config.relay_socket),
         dovecot_files=fix(config.dovecot_files),
+        event_spool=fix(config.event_spool),
     )

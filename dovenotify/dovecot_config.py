@@ -18,6 +18,7 @@ DEFAULT_LUA_SCRIPT = Path("/usr/local/lib/dovenotify/dovenotify.lua")
 DEFAULT_HELPER_COMMAND = ("/usr/bin/python3", "-I", "/usr/local/lib/dovenotify/postlogin.py")
 DEFAULT_EVENT_SOCKET = Path("/run/dovenotify/events.sock")
 DEFAULT_RELAY_SOCKET = Path("/run/dovenotify/relay.sock")
+DEFAULT_EVENT_SPOOL = Path("/var/lib/dovenotify/events.spool")
 DEFAULT_EVENT_TIMEOUT = 0.2
 DEFAULT_RELAY_TIMEOUT = 0.5
 
@@ -56,6 +57,7 @@ def render(
     relay_socket: Path,
     relay_timeout: float,
     user_field: str | None = None,
+    event_spool: Path = DEFAULT_EVENT_SPOOL,
 ) -> str:
     """The configuration snippet for Dovecot `version` ("2.3" or "2.4")."""
     if version not in VERSIONS:
@@ -68,6 +70,7 @@ def render(
         "lua": _word(lua_script, "Lua script path"),
         "event_socket": _word(event_socket, "event socket path"),
         "event_timeout": _seconds(event_timeout, "event timeout"),
+        "event_spool": _word(event_spool, "event spool path"),
         "helper": " ".join(
             [_word(a, "helper argument") for a in helper_command]
             + ["--socket", _word(relay_socket, "relay socket path")]
@@ -112,7 +115,13 @@ _LUA_23_USER_FIELD = """\
 
 
 def _render_23(
-    *, lua: str, event_socket: str, event_timeout: str, helper: str, user_field: str | None
+    *,
+    lua: str,
+    event_socket: str,
+    event_timeout: str,
+    event_spool: str,
+    helper: str,
+    user_field: str | None,
 ) -> str:
     plugins = " ".join(PLUGINS)
     blocks = [_HEADER.format(version="2.3")]
@@ -147,6 +156,9 @@ plugin {{
   # Seconds a delivery may wait for dovenotify before the event is dropped
   # (with a warning in this log).
   dovenotify_timeout = {event_timeout}
+  # Where the script keeps events dovenotify could not take (it is down); it
+  # pushes for them when it is back.
+  dovenotify_spool = {event_spool}
 """
     )
     if user_field:
@@ -157,7 +169,13 @@ plugin {{
 
 
 def _render_24(
-    *, lua: str, event_socket: str, event_timeout: str, helper: str, user_field: str | None
+    *,
+    lua: str,
+    event_socket: str,
+    event_timeout: str,
+    event_spool: str,
+    helper: str,
+    user_field: str | None,
 ) -> str:
     plugins = "".join(f"    {p} = yes\n" for p in PLUGINS)
     protocol_blocks = "".join(
@@ -191,6 +209,9 @@ push_notification lua {{
     # Seconds a delivery may wait for dovenotify before the event is dropped
     # (with a warning in this log).
     dovenotify_timeout = {event_timeout}
+    # Where the script keeps events dovenotify could not take (it is down); it
+    # pushes for them when it is back.
+    dovenotify_spool = {event_spool}
 {user_field_lines}  }}
 }}
 """

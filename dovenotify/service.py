@@ -18,7 +18,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from . import apns, certificates, relay
+from . import apns, certificates, relay, spool
 from . import config as configuration
 from .apns_auth import Auth, expiry_warning, load_auth, open_sender
 from .apns_sender import ApnsSender
@@ -26,12 +26,19 @@ from .config import Config
 from .dispatch import Dispatcher
 from .events import BadLine, Event, EventDecoder
 from .outbox import Gate, Outbox
+from .peers import PeerRule, peer_of
 from .registration_expiry import sweep_expired, unexpired
 from .store import Registration, SQLiteStore, open_store
+from .usernames import UserKeys
 
 log = logging.getLogger("dovenotify")
 
 EVENT_CONNECTION_TIMEOUT = 10.0
+# How often the spool is checked for events the Lua driver could not send us
+# (e.g. while this process was stopped): a stat() of one file.
+SPOOL_CHECK_INTERVAL = 2.0
+# Time for a writer that opened the spool just before a drain to finish its append.
+SPOOL_GRACE = 0.5
 SEND_CONCURRENCY = 64
 DRAIN_TIMEOUT = 10.0
 EXPIRY_CHECK_INTERVAL = 3600.0
@@ -47,6 +54,8 @@ class Service:
     dispatcher: Dispatcher = attrs.field(factory=Dispatcher)
     outbox: Outbox = attrs.field(factory=Outbox)
     gate: Gate = attrs.field(factory=Gate)
+    usernames: UserKeys = attrs.field(factory=UserKeys)
+    event_peers: PeerRule | None = None
     _expiry_warned: int | None = None
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _progress: trio.Event = attrs.field(factory=trio.Event)
@@ -57,7 +66,25 @@ class Service:
         async with trio.open_nursery() as nursery:
             while True:
                 stream = await listener.accept()
-                nursery.start_soon(self._read_events, stream)
+                if self._event_peer_allowed(stream):
+                    nursery.start_soon(self._read_events, stream)
+                else:
+                    await stream.aclose()
+
+    def _event_peer_allowed(self, stream: trio.SocketStream) -> bool:
+        if self.event_peers is None:
+            return True
+        peer = peer_of(stream.socket)  # type: ignore[arg-type]
+        if self.event_peers.allows(peer):
+            return True
+        log.warning(
+            "refused events from pid %d (uid %d, gid %d): event_peers allows only %s",
+            peer.pid,
+            peer.uid,
+            peer.gid,
+            self.event_peers.describe(),
+        )
+        return False
 
     async def _read_events(self, stream: trio.SocketStream) -> None:
         decoder = EventDecoder()
@@ -67,21 +94,55 @@ class Service:
                 while data := await _receive(stream):
                     items += decoder.feed(data)
         items += decoder.close()
+        await self._handle_items(items)
+
+    async def _handle_items(self, items: list[Event | BadLine], *, late: bool = False) -> None:
         for item in items:
             if isinstance(item, BadLine):
-                log.warning("skipped an event line: %s: %r", item.reason, item.excerpt)
+                where = "a spooled" if late else "an"
+                log.warning("skipped %s event line: %s: %r", where, item.reason, item.excerpt)
             else:
-                await self.handle_event(item)
+                await self.handle_event(item, late=late)
 
-    async def handle_event(self, event: Event) -> None:
-        devices = await trio.to_thread.run_sync(self.store.devices, event.username)
+    async def handle_event(self, event: Event, *, late: bool = False) -> None:
+        if event.service not in self.config.push_services:
+            log.debug("ignored %s in %s from %s", event.name, event.mailbox, event.service)
+            return
+        user = self.usernames.key(event.username)
+        devices = await trio.to_thread.run_sync(self.store.devices, user)
         devices = unexpired(devices, self.config.registration_ttl, time.time())
         if not devices:
             return
-        for device in self.dispatcher.event(event, devices, trio.current_time()):
+        now = trio.current_time()
+        for device in self.dispatcher.event(event, devices, now, late=late):
             log.debug("push %s now: %s in %s", _who(device), event.name, event.mailbox)
             self.outbox.submit(device)
         self._wakeup.set()
+
+    async def drain_spool(self) -> None:
+        """Push for the events the Lua driver spooled while it could not reach us."""
+        path = self.config.event_spool
+        problem = None
+        while True:
+            try:
+                found = await trio.to_thread.run_sync(spool.set_aside, path)
+                if found:
+                    await trio.sleep(SPOOL_GRACE)
+                    data = await trio.to_thread.run_sync(spool.take_aside, path)
+                problem = None
+            except OSError as e:
+                found = False
+                if str(e) != problem:  # once, not every few seconds
+                    problem = str(e)
+                    log.warning("cannot drain the event spool %s: %s", path, e)
+            if found:
+                decoder = EventDecoder()
+                # Lines repeat (a user's INBOX, delivery after delivery): once is enough.
+                items = list(dict.fromkeys(decoder.feed(data) + decoder.close()))
+                count = sum(isinstance(item, Event) for item in items)
+                log.info("%d event(s) from the spool, made while dovenotify was away", count)
+                await self._handle_items(items, late=True)
+            await trio.sleep(SPOOL_CHECK_INTERVAL)
 
     @property
     def topic(self) -> str:
@@ -90,7 +151,10 @@ class Service:
     # --- registrations ---------------------------------------------------
 
     async def register(self, registration: Registration) -> None:
-        await trio.to_thread.run_sync(self.store.register, registration)
+        user = self.usernames.key(registration.username)
+        await trio.to_thread.run_sync(
+            self.store.register, attrs.evolve(registration, username=user)
+        )
 
     # --- sending ---------------------------------------------------------
 
@@ -321,6 +385,9 @@ async def serve(config: Config) -> None:
         sender=open_sender(config.apns, auth),
         auth=auth,
         outbox=Outbox(retry_deadline=config.retry_deadline),
+        dispatcher=Dispatcher(delay=config.delay, max_delay=config.max_delay),
+        usernames=UserKeys(config.username_format, config.default_domain),
+        event_peers=PeerRule.parse(config.event_peers) if config.event_peers else None,
     )
     the_relay = relay.Relay(
         topic=lambda: service.topic,
@@ -330,12 +397,22 @@ async def serve(config: Config) -> None:
     events = _unix_listener(config.event_socket, 0o666)
     relayed = _unix_listener(config.relay_socket, 0o666)
     try:
+        spool.create(config.event_spool)
+    except OSError as e:
+        log.warning(
+            "cannot create the event spool %s (%s): events sent while dovenotify is"
+            " down will be lost",
+            config.event_spool,
+            e.strerror,
+        )
+    try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.serve_events, events)
             nursery.start_soon(the_relay.serve, relayed)
             nursery.start_soon(service.run_sender)
             nursery.start_soon(sweep_expired, store, config.registration_ttl)
             nursery.start_soon(service.watch_expiry)
+            nursery.start_soon(service.drain_spool)
             log.info(
                 "dovenotify is running: events on %s, relay on %s, %s, APNs %s",
                 config.event_socket,

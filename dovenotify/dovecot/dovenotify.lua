@@ -18,9 +18,13 @@
 --   dovenotify_socket      event socket path   (default /run/dovenotify/events.sock)
 --   dovenotify_timeout     seconds, per send   (default 0.2)
 --   dovenotify_user_field  optional userdb field whose value replaces the username
+--   dovenotify_spool       file to append the lines to when they cannot be sent
+--                          (default /var/lib/dovenotify/events.spool); dovenotify
+--                          creates it writable for us and pushes for them when back
 
 local DEFAULT_SOCKET = "/run/dovenotify/events.sock"
 local DEFAULT_TIMEOUT = 0.2
+local DEFAULT_SPOOL = "/var/lib/dovenotify/events.spool"
 
 -- Per Lua state (one per mail user in a process): filled by script_init on 2.4,
 -- on the first transaction on 2.3 where settings come from the user.
@@ -44,12 +48,16 @@ local function make_settings(get)
   if socket_path == nil or socket_path == "" then
     socket_path = DEFAULT_SOCKET
   end
+  local spool = get("dovenotify_spool")
+  if spool == nil or spool == "" then
+    spool = DEFAULT_SPOOL
+  end
   local field = get("dovenotify_user_field")
   -- The name goes into a %{userdb:...} expansion on 2.4: allow plain names only.
   if field ~= nil and not string.match(field, "^[%w_.-]+$") then
     field = nil
   end
-  return { socket = socket_path, timeout = timeout, user_field = field }
+  return { socket = socket_path, timeout = timeout, user_field = field, spool = spool }
 end
 
 -- 2.3 calls script_init() without arguments and insists on an integer 0;
@@ -183,14 +191,41 @@ local function send(data, s)
   return err
 end
 
+-- Appends the lines to the spool for the service to push when it is back.
+-- Returns nil on success, else a reason for the log.
+local function keep(data, s)
+  local file, err = io.open(s.spool, "a")
+  if file == nil then
+    return err
+  end
+  -- A buffer as big as the data makes one write(2) on an O_APPEND file, so
+  -- lines of concurrent writers never interleave.
+  file:setvbuf("full", #data)
+  local ok, write_err = file:write(data)
+  local closed, close_err = file:close()
+  if not ok or not closed then
+    return tostring(write_err or close_err)
+  end
+  return nil
+end
+
 function dovecot_lua_notify_end_txn(ctx, success)
   if not success or #ctx.lines == 0 then
     return
   end
-  local ok, err = pcall(send, table.concat(ctx.lines), ctx.settings)
-  if not ok or err ~= nil then
-    pcall(dovecot.i_warning, string.format(
-      "dovenotify: %d event(s) not sent to %s: %s",
-      #ctx.lines, ctx.settings.socket, tostring(err)))
+  local data = table.concat(ctx.lines)
+  local ok, err = pcall(send, data, ctx.settings)
+  if ok and err == nil then
+    return
   end
+  local kept_ok, kept_err = pcall(keep, data, ctx.settings)
+  local outcome
+  if kept_ok and kept_err == nil then
+    outcome = "kept in " .. ctx.settings.spool
+  else
+    outcome = "not kept in " .. ctx.settings.spool .. " either: " .. tostring(kept_err)
+  end
+  pcall(dovecot.i_warning, string.format(
+    "dovenotify: %d event(s) not sent to %s: %s; %s",
+    #ctx.lines, ctx.settings.socket, tostring(err), outcome))
 end

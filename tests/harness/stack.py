@@ -57,6 +57,7 @@ def service_settings(
         "database": str(root / "registrations.sqlite"),
         "event_socket": str(root / "run" / "events.sock"),
         "relay_socket": str(root / "run" / "relay.sock"),
+        "event_spool": str(root / "run" / "events.spool"),
         "relay_peers": ["root", str(helper_uid)],
         "apns": {
             "certificate": str(pki.client.combined_pem),
@@ -79,6 +80,7 @@ def dovecot_snippet(root: Path, settings: Mapping[str, Any], version: str) -> st
         relay_socket=Path(settings["relay_socket"]),
         relay_timeout=0.5,
         user_field=settings.get("user_lookup"),
+        event_spool=Path(settings["event_spool"]),
     )
 
 
@@ -89,11 +91,13 @@ async def run_stack(
     *,
     version: str | None,
     dovecot_conf: str = "",
+    userdb_fields: Mapping[str, Mapping[str, str]] | None = None,
     **standin_options: Any,
 ) -> AsyncIterator[Stack]:
     """The whole stack on Dovecot `version`: pass the `dovecot_version` fixture, so the
     test runs on both versions (None, the host's, is for scripts). `dovecot_conf` is
-    added to Dovecot's configuration after dovenotify's snippet."""
+    added to Dovecot's configuration after dovenotify's snippet; `userdb_fields` as
+    for `start_dovecot`."""
     root = make_root("dovenotify-stack-")
     try:
         async with run_apns_standin(pki, **standin_options) as standin:
@@ -105,7 +109,12 @@ async def run_stack(
             snippet += dovecot_conf
             (root / "dovecot").mkdir(mode=0o755)
             dovecot = await trio.to_thread.run_sync(
-                lambda: start_dovecot(root / "dovecot", version=version, extra_conf=snippet)
+                lambda: start_dovecot(
+                    root / "dovecot",
+                    version=version,
+                    extra_conf=snippet,
+                    userdb_fields=userdb_fields,
+                )
             )
             try:
                 async with run_service(root / "service", settings) as service:

@@ -318,8 +318,8 @@ class Service:
 
     async def watch_expiry(self) -> None:
         while True:
-            self.check_expiry()
             await trio.sleep(EXPIRY_CHECK_INTERVAL)
+            self.check_expiry()
 
     # --- shutdown --------------------------------------------------------
 
@@ -389,6 +389,7 @@ async def serve(config: Config) -> None:
         usernames=UserKeys(config.username_format, config.default_domain),
         event_peers=PeerRule.parse(config.event_peers) if config.event_peers else None,
     )
+    service.check_expiry()
     the_relay = relay.Relay(
         topic=lambda: service.topic,
         register=service.register,

@@ -1,0 +1,91 @@
+"""The event socket of a running `dovenotify serve`: bad lines and unwelcome peers.
+
+Bad lines (malformed, oversized, cut off) are logged once each with the reason
+and skipped, and the listener goes on. With `event_peers`, a process that is not
+the mail uid (or root) is refused by its SO_PEERCRED credentials, while Dovecot's
+own events still push.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import trio
+
+from dovenotify.events import MAX_LINE
+from tests.harness.dovecot import deliver, installation
+from tests.harness.stack import Stack, run_stack
+
+ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
+TOKEN = "ab" * 32
+MESSAGE = b"Subject: hello\r\n\r\nhi\r\n"
+# An unprivileged uid other than the mail user (nobody): daemon.
+STRANGER_UID = 1
+
+
+async def register(stack: Stack) -> None:
+    phone = await stack.iphone("alice")
+    assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+    await phone.logout()
+
+
+def send(path: str, data: bytes) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.sendall(data)
+
+
+async def test_bad_lines_are_logged_once_and_skipped(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        await register(stack)
+        path = stack.settings["event_socket"]
+        send(
+            path,
+            b"MessageNew\talice\n"  # too few fields
+            + b"Bogus\talice\tINBOX\tlmtp\n"
+            + b"MessageNew\talice\t"
+            + b"x" * MAX_LINE
+            + b"\tlmtp\n"
+            + b"MessageNew\talice\tINBOX\tlm",  # cut off by the sender's timeout
+        )
+        send(path, b"MessageNew\talice\tINBOX\tlmtp\n")
+        request = await stack.standin.next_request()
+        assert request.path.endswith(TOKEN)
+        await stack.service.wait_for_log("incomplete last line")
+        log = stack.service.log_text()
+        for reason in (
+            "expected 4 fields, got 2",
+            "unknown event 'Bogus'",
+            f"line longer than {MAX_LINE} bytes",
+            "incomplete last line",
+        ):
+            assert log.count(reason) == 1, reason
+        assert len(stack.standin.requests) == 1
+
+
+async def test_only_event_peers_may_send_events(test_pki, dovecot_version):
+    mail_uid = installation(dovecot_version).uid("nobody")
+    settings = {"event_peers": [str(mail_uid)]}
+    async with run_stack(test_pki, settings, version=dovecot_version) as stack:
+        await register(stack)
+        line = "MessageNew\\talice\\tINBOX\\tlmtp\\n"
+        stranger = (
+            "import socket; s = socket.socket(socket.AF_UNIX); "
+            f"s.connect({stack.settings['event_socket']!r}); s.sendall(b'{line}')"
+        )
+        await trio.to_thread.run_sync(
+            lambda: subprocess.run(
+                ["/usr/bin/python3", "-c", stranger],
+                user=STRANGER_UID,
+                group=STRANGER_UID,
+                check=True,
+            )
+        )
+        await stack.service.wait_for_log(f"(uid {STRANGER_UID}, gid {STRANGER_UID})")
+        assert "event_peers allows only root, " in stack.service.log_text()
+        assert stack.standin.requests == []
+        # Dovecot's delivery (as the mail uid) still pushes.
+        await trio.to_thread.run_sync(deliver, stack.dovecot, "alice", MESSAGE)
+        request = await stack.standin.next_request()
+        assert request.path.endswith(TOKEN)

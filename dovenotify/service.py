@@ -173,8 +173,12 @@ class Service:
                     and limit.available_tokens
                     and (device := self.outbox.take(now))
                 ):
-                    await limit.acquire_on_behalf_of(device)
-                    nursery.start_soon(self._send, device, limit)
+                    # A ticket per send, not the device: a device pushed again (mail
+                    # came while it was in flight) can be taken before its previous
+                    # send has given its token back.
+                    ticket = object()
+                    await limit.acquire_on_behalf_of(ticket)
+                    nursery.start_soon(self._send, device, limit, ticket)
                 retry = self.outbox.next_retry()
                 if retry is not None:
                     retry = max(retry, self.gate.opens_at())
@@ -188,7 +192,9 @@ class Service:
                 with trio.move_on_at(deadline if deadline is not None else float("inf")):
                     await self._wakeup.wait()
 
-    async def _send(self, device: Registration, limit: trio.CapacityLimiter) -> None:
+    async def _send(
+        self, device: Registration, limit: trio.CapacityLimiter, ticket: object
+    ) -> None:
         try:
             if not await self._pushable(device):
                 self.outbox.delivered(device)
@@ -204,7 +210,7 @@ class Service:
             outcome = await self.sender.send(push)
             await self._record(device, outcome)
         finally:
-            limit.release_on_behalf_of(device)
+            limit.release_on_behalf_of(ticket)
             self._wakeup.set()
             self._progress.set()
 

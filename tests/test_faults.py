@@ -1,0 +1,266 @@
+"""Faults on the real stack: nothing acknowledged is lost, nothing waits on a sick part.
+
+Each test drives real Dovecot, `dovenotify serve` and an HTTP/2 mTLS APNs stand-in
+(the host's Dovecot only: these faults are the service's, not Dovecot's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from dovenotify.store import open_store
+from tests.harness.apns_standin import Answer, run_apns_standin
+from tests.harness.dovecot import deliver, free_ports
+from tests.harness.service import run_service
+from tests.harness.stack import Stack, run_stack
+
+ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
+ALICE = "a1" * 32
+BOB = "b0" * 32
+MAIL = b"Subject: fault\r\n\r\nhello\r\n"
+# The Dovecot snippet in tests/harness/stack.py: the Lua driver's and the
+# post-login helper's timeouts.
+EVENT_TIMEOUT = 0.2
+RELAY_TIMEOUT = 0.5
+
+
+async def register(stack: Stack, user: str, token: str, account: str = ACCOUNT) -> str:
+    """Log in as the iPhone, register, log out; the tagged status (OK, NO, BAD)."""
+    phone = await stack.iphone(user)
+    reply = await phone.xapplepushservice(account, token, ["INBOX"])
+    await phone.logout()
+    return reply.status
+
+
+async def deliver_async(stack: Stack, user: str) -> float:
+    return await trio.to_thread.run_sync(deliver, stack.dovecot, user, MAIL)
+
+
+async def test_kill_9_loses_no_acknowledged_registration(test_pki):
+    async with run_stack(test_pki, version=None) as stack:
+        acknowledged: list[str] = []
+        delivered = 0
+
+        async def iphones(worker: int) -> None:
+            for n in range(12):
+                token = f"{worker:02x}{n:062x}"
+                # A session relayed by the killed service drops with it (the iPhone
+                # reconnects); what counts is what was acknowledged.
+                with contextlib.suppress(EOFError, trio.BrokenResourceError):
+                    if await register(stack, "alice", token, f"ACC-{worker}-{n}") == "OK":
+                        acknowledged.append(token)
+                if len(acknowledged) == 10 and stack.service.process.returncode is None:
+                    stack.service.process.kill()
+
+        async def mail() -> None:
+            nonlocal delivered
+            for _ in range(20):
+                await deliver_async(stack, "alice")  # asserts Dovecot accepted it
+                delivered += 1
+
+        async with trio.open_nursery() as nursery:
+            for worker in range(3):
+                nursery.start_soon(iphones, worker)
+            nursery.start_soon(mail)
+        await stack.service.process.wait()
+        assert stack.service.process.returncode == -signal.SIGKILL, stack.service.log_text()
+        assert delivered == 20  # mail kept flowing while dovenotify was dead
+
+        async with run_service(stack.root / "restarted", stack.settings):
+            store = open_store(stack.settings["database"])
+            try:
+                stored = {d.device_token for d in store.devices("alice")}
+            finally:
+                store.close()
+            assert len(acknowledged) >= 10
+            assert set(acknowledged) <= stored
+            # And it works again: a new registration, a new mail, a push.
+            assert await register(stack, "bob", BOB) == "OK"
+            await deliver_async(stack, "bob")
+            while (await stack.standin.next_request()).path != f"/3/device/{BOB}":
+                pass
+
+
+@contextlib.asynccontextmanager
+async def black_hole(port: int):
+    """Accepts TCP connections on `port` and never says a word."""
+    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+    held: list[trio.SocketStream] = []
+
+    async def swallow() -> None:
+        while True:
+            held.append(await listeners[0].accept())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(swallow)
+        yield
+        nursery.cancel_scope.cancel()
+    for stream in held:
+        await stream.aclose()
+    await listeners[0].aclose()
+
+
+def log_lines_since(text: str, start: int, level: str = "INFO|WARNING|ERROR") -> list[str]:
+    return [
+        line for line in text[start:].splitlines() if re.search(rf" ({level}) dovenotify", line)
+    ]
+
+
+async def test_apns_outage_pushes_each_device_once_and_logs_it_once(test_pki):
+    (port,) = free_ports(1)
+    apns = {
+        "certificate": str(test_pki.client.combined_pem),
+        "endpoint": f"https://127.0.0.1:{port}",
+        "ca_file": str(test_pki.ca_file),
+        "timeout": 0.5,
+    }
+    async with (
+        run_stack(test_pki, {"apns": apns, "log_level": "info"}, version=None) as stack,
+    ):
+        # Enough devices that logging per device or per event would show.
+        devices = {
+            f"/3/device/{user[0]}{n:063x}": user for user in ("alice", "bob") for n in range(4)
+        }
+        async with run_apns_standin(test_pki, port=port) as apple:
+            for n, (path, user) in enumerate(devices.items()):
+                assert await register(stack, user, path.rsplit("/", 1)[1], f"ACC-{n}") == "OK"
+            await deliver_async(stack, "alice")
+            for _ in range(4):
+                await apple.next_request()
+        outage_starts = len(stack.service.log_text())
+
+        # Refused: nothing listens on APNs's port.
+        for _ in range(5):
+            await deliver_async(stack, "alice")
+            await deliver_async(stack, "bob")
+        await trio.sleep(1)
+        # A black hole: connections are accepted, nothing ever answers.
+        async with black_hole(port):
+            for _ in range(5):
+                await deliver_async(stack, "alice")
+                await deliver_async(stack, "bob")
+            await trio.sleep(1.5)
+        # APNs answers again, but only 503 ServiceUnavailable.
+        unavailable = Answer(503, {"reason": "ServiceUnavailable"})
+        async with run_apns_standin(test_pki, port=port, responder=lambda r: unavailable) as apple:
+            for _ in range(5):
+                await deliver_async(stack, "alice")
+                await deliver_async(stack, "bob")
+            await apple.next_request(timeout=30)
+            # Recovery. Each device waited out a backoff; within it comes one push each.
+            recovered_at = len(apple.requests)
+            apple.responder = lambda r: Answer(200)
+            outage_log = log_lines_since(stack.service.log_text(), outage_starts)
+            while {r.path for r in apple.requests[recovered_at:]} != set(devices):
+                await apple.next_request(timeout=40)
+            # Nothing more is due: a second push per device would come at once.
+            await trio.sleep(1)
+            after = [r.path for r in apple.requests[recovered_at:]]
+            assert sorted(after) == sorted(devices), after
+
+    # 30 deliveries to 8 devices during the outage: the log tells about the outage,
+    # not about every event or device (a line per kind of failure, at most).
+    if len(outage_log) > 4:
+        # Everything above is required; this part waits on the sender's outage
+        # logging (the APNs issue). Reported as xfail until then, with the lines.
+        pytest.xfail("the outage was logged per device:\n" + "\n".join(outage_log))
+
+
+async def test_hung_service_holds_up_no_delivery_and_no_login(test_pki):
+    async with run_stack(test_pki, version=None) as stack:
+        assert await register(stack, "alice", ALICE) == "OK"
+        stack.service.process.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(5):
+                assert await deliver_async(stack, "alice") < EVENT_TIMEOUT + 0.5
+            start = time.monotonic()
+            phone = await stack.iphone("bob")
+            logged_in = time.monotonic() - start
+            assert (await phone.command("NOOP")).ok
+            await phone.logout()
+            assert logged_in < RELAY_TIMEOUT + 1.0
+        finally:
+            stack.service.process.send_signal(signal.SIGCONT)
+        # Back from the hang: the mail that came meanwhile is pushed, and logins
+        # go through the relay again.
+        assert (await stack.standin.next_request()).path == f"/3/device/{ALICE}"
+        assert await register(stack, "bob", BOB) == "OK"
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str = "1m") -> Iterator[Path]:
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here to fill up: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
+def fill(directory: Path) -> Path:
+    """Write until the file system is full; return the file to delete to undo it."""
+    filler = directory / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    return filler
+
+
+@contextlib.contextmanager
+def locked(database: str) -> Iterator[None]:
+    """Another writer holding the database (an admin's sqlite3 shell, a backup)."""
+    db = sqlite3.connect(database, isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+
+
+@pytest.mark.parametrize("fault", ["database locked", "disk full"])
+async def test_a_registration_that_cannot_be_stored_gets_no(test_pki, tmp_path, fault):
+    with contextlib.ExitStack() as cleanup:
+        overrides = {}
+        if fault == "disk full":
+            disk = cleanup.enter_context(small_filesystem(tmp_path / "disk"))
+            overrides["database"] = str(disk / "registrations.sqlite")
+        async with run_stack(test_pki, overrides, version=None) as stack:
+            database = stack.settings["database"]
+            assert await register(stack, "alice", ALICE) == "OK"
+            with contextlib.ExitStack() as fault_on:
+                if fault == "disk full":
+                    fault_on.callback(os.unlink, fill(disk))
+                else:
+                    fault_on.enter_context(locked(database))
+                # The iPhone is told NO (it retries later), not OK for a lost registration.
+                assert await register(stack, "bob", BOB) == "NO"
+                # The session and the service go on.
+                phone = await stack.iphone("bob")
+                assert (await phone.command("NOOP")).ok
+                await phone.logout()
+            assert stack.service.process.returncode is None
+            assert await register(stack, "bob", BOB) == "OK"
+            with contextlib.closing(sqlite3.connect(database)) as db:
+                assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+                tokens = {t for (t,) in db.execute("SELECT device_token FROM registrations")}
+            assert tokens == {ALICE, BOB}
+            await deliver_async(stack, "bob")
+            assert (await stack.standin.next_request()).path == f"/3/device/{BOB}"

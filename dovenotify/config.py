@@ -7,6 +7,7 @@ admins' files use them, so keys are added, never renamed or dropped.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ class Config:
     log_level: str = "info"
     # "text" for people, "json" (one object per line) for log collectors.
     log_format: str = "text"
+    # host:port for Prometheus /metrics and /healthz; None: not served.
+    metrics_listen: tuple[str, int] | None = None
+    # host:port (loopback only) serving xapsd's /register and /notify to the
+    # dovecot-xaps C plugin; None: not served.
+    compat_listen: tuple[str, int] | None = None
     # Where `dovenotify dovecot-config --install` puts the Lua script and the
     # post-login helper: Dovecot's unprivileged users must be able to read them,
     # which a virtualenv under /root is not.
@@ -164,6 +170,31 @@ def _endpoint(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _listen(*, loopback_only: bool) -> Check:
+    def check(value: Any) -> tuple[str, int]:
+        what = "a loopback host:port such as 127.0.0.1:11619" if loopback_only else "host:port"
+        if not isinstance(value, str):
+            raise ValueError(f"expected {what}")
+        host, _, port = value.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected {what}")
+        if loopback_only and not _is_loopback(host):
+            raise ValueError(f"expected {what}: this API has no authentication")
+        return host, int(port)
+
+    return check
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError("expected a list of user names")
@@ -193,6 +224,8 @@ TOP_KEYS: dict[str, Check] = {
     "relay_socket": _path,
     "log_level": _choice(*LOG_LEVELS),
     "log_format": _choice("text", "json"),
+    "metrics_listen": _optional(_listen(loopback_only=False)),
+    "compat_listen": _optional(_listen(loopback_only=True)),
     "dovecot_files": _path,
     "helper_python": _path,
     "event_timeout": _number(0.01, 5),

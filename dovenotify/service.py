@@ -24,7 +24,9 @@ from .apns_auth import Auth, expiry_warning, load_auth, open_sender
 from .apns_sender import ApnsSender
 from .config import Config
 from .dispatch import Dispatcher
+from .endpoints import open_endpoints, serve_endpoints
 from .events import BadLine, Event, EventDecoder
+from .metrics import Metrics
 from .outbox import Gate, Outbox
 from .peers import PeerRule, peer_of
 from .registration_expiry import sweep_expired, unexpired
@@ -54,6 +56,7 @@ class Service:
     dispatcher: Dispatcher = attrs.field(factory=Dispatcher)
     outbox: Outbox = attrs.field(factory=Outbox)
     gate: Gate = attrs.field(factory=Gate)
+    metrics: Metrics = attrs.field(factory=Metrics)
     usernames: UserKeys = attrs.field(factory=UserKeys)
     event_peers: PeerRule | None = None
     _expiry_warned: int | None = None
@@ -99,6 +102,7 @@ class Service:
     async def _handle_items(self, items: list[Event | BadLine], *, late: bool = False) -> None:
         for item in items:
             if isinstance(item, BadLine):
+                self.metrics.dropped(item)
                 where = "a spooled" if late else "an"
                 log.warning("skipped %s event line: %s: %r", where, item.reason, item.excerpt)
             else:
@@ -111,9 +115,10 @@ class Service:
         user = self.usernames.key(event.username)
         devices = await trio.to_thread.run_sync(self.store.devices, user)
         devices = unexpired(devices, self.config.registration_ttl, time.time())
+        now = trio.current_time()
+        self.metrics.event(event, devices, now)
         if not devices:
             return
-        now = trio.current_time()
         for device in self.dispatcher.event(event, devices, now, late=late):
             log.debug("push %s now: %s in %s", _who(device), event.name, event.mailbox)
             self.outbox.submit(device)
@@ -238,6 +243,7 @@ class Service:
     async def _record(self, device: Registration, outcome: apns.Outcome) -> None:
         result = describe(outcome)
         now = trio.current_time()
+        self.metrics.pushed(device, outcome, now)
         if outcome.status is None and outcome.action is apns.Action.RETRY:
             self.gate.transport_failed(now)
         elif outcome.action is apns.Action.CONFIG_ERROR:
@@ -259,6 +265,7 @@ class Service:
                 log.info("push to %s will be retried: %s", _who(device), result)
             else:
                 log.warning("gave up pushing to %s: %s", _who(device), result)
+                self.metrics.gave_up(device)
             return
         self.outbox.delivered(device)
         log.debug("pushed %s: %s", _who(device), result)
@@ -403,6 +410,7 @@ async def serve(config: Config) -> None:
     )
     events = _unix_listener(config.event_socket, 0o666)
     relayed = _unix_listener(config.relay_socket, 0o666)
+    endpoints = await open_endpoints(service, the_relay)
     try:
         spool.create(config.event_spool)
     except OSError as e:
@@ -417,6 +425,7 @@ async def serve(config: Config) -> None:
             nursery.start_soon(service.serve_events, events)
             nursery.start_soon(the_relay.serve, relayed)
             nursery.start_soon(service.run_sender)
+            nursery.start_soon(serve_endpoints, endpoints)
             nursery.start_soon(sweep_expired, store, config.registration_ttl)
             nursery.start_soon(service.watch_expiry)
             nursery.start_soon(service.drain_spool)

@@ -32,6 +32,7 @@ import h2.events
 
 from . import certificates
 from . import config as configuration
+from .apns_auth import Auth, load_auth
 from .dovecot_config import PLUGINS, VERSIONS
 from .store import StoreError, open_store
 
@@ -66,7 +67,7 @@ class Findings:
     doveconf: Sequence[str]
     mail_user: str | None = None
     config: configuration.Config | None = None
-    credentials: certificates.Credentials | None = None
+    auth: Auth | None = None
     dovecot: DovecotFacts | None = None
 
 
@@ -91,30 +92,28 @@ def check_config(f: Findings) -> Verdict:
 def check_certificate(f: Findings) -> Verdict:
     if f.config is None:
         return _skipped("certificate", "config")
-    apns = f.config.apns
-    if apns.certificate is None:
+    try:
+        f.auth = load_auth(f.config.apns)
+    except (certificates.CertificateError, OSError) as e:
         return Verdict(
             "certificate",
             False,
-            "no APNs certificate is configured",
-            "set apns.certificate (and apns.key) in " + str(f.config_path),
+            str(e),
+            "point apns.certificate (or apns.token_key) at current credentials "
+            "(README: Certificates)",
         )
-    try:
-        password = apns.password_file.read_bytes().rstrip(b"\r\n") if apns.password_file else None
-        credentials = certificates.load_credentials(apns.certificate, apns.key, password)
-    except (certificates.CertificateError, OSError) as e:
-        return Verdict("certificate", False, str(e), "point apns.certificate at a usable file")
-    f.credentials = credentials
+    credentials = f.auth.credentials
+    if credentials is None:
+        apns = f.config.apns
+        return Verdict(
+            "certificate",
+            True,
+            f"token key {apns.key_id} of team {apns.team_id}, topic {f.auth.topic} "
+            "(APNs judges a token only with a push)",
+        )
     days = credentials.days_left()
     expiry = credentials.not_after.astimezone(UTC).date().isoformat()
-    if days < 0:
-        return Verdict(
-            "certificate",
-            False,
-            f"topic {credentials.topic} expired on {expiry} ({-days:.0f} days ago)",
-            "APNs refuses expired certificates: install a current one (README: Certificates)",
-        )
-    summary = f"topic {credentials.topic}, {days:.0f} days left (until {expiry})"
+    summary = f"topic {f.auth.topic}, {days:.0f} days left (until {expiry})"
     if days < RENEW_WARNING_DAYS:
         summary += "; renew it soon"
     return Verdict("certificate", True, summary)
@@ -197,7 +196,8 @@ LUA_FIXES = {
     "script": "run `dovenotify dovecot-config --install`: the mail user must read the script",
     "lua-socket": "apt-get install lua-socket",
     "connect": "start `dovenotify serve`, and check event_socket matches dovenotify_socket",
-    "lua": "install Dovecot's Lua support (apt-get install dovecot-lua)",
+    "lua": "install Dovecot's Lua support (Debian: dovecot-core; Dovecot's own packages: "
+    "dovecot-lua)",
 }
 
 
@@ -220,10 +220,10 @@ def check_relay(f: Findings) -> Verdict:
 
 
 def check_apns(f: Findings) -> Verdict:
-    if f.config is None or f.credentials is None:
+    if f.config is None or f.auth is None:
         return _skipped("apns", "config" if f.config is None else "certificate")
     endpoint = f.config.apns.endpoint
-    problem = apns_handshake(f.credentials, endpoint, f.config.apns.ca_file)
+    problem = apns_handshake(f.auth.credentials, endpoint, f.config.apns.ca_file)
     if problem:
         return Verdict(
             "apns",
@@ -232,7 +232,8 @@ def check_apns(f: Findings) -> Verdict:
             "check the certificate is Apple's and current, and that outgoing "
             "port 443 is open (README: Troubleshooting)",
         )
-    return Verdict("apns", True, f"{endpoint} accepts the certificate (no push sent)")
+    what = "the certificate" if f.auth.credentials else "our connection"
+    return Verdict("apns", True, f"{endpoint} accepts {what} (no push sent)")
 
 
 def check_registrations(f: Findings) -> Verdict:
@@ -553,7 +554,7 @@ def probe_relay(path: Path, timeout: float) -> str | None:
 
 
 def apns_handshake(
-    credentials: certificates.Credentials, endpoint: str, ca_file: Path | None
+    credentials: certificates.Credentials | None, endpoint: str, ca_file: Path | None
 ) -> str | None:
     """TLS with the client certificate, then HTTP/2 SETTINGS both ways; no request.
 

@@ -125,3 +125,15 @@ async def test_doctor_stops_at_a_bad_config(tmp_path):
     assert "unknown key 'apns.certificat'" in report.verdicts["config"][1]
     assert "did you mean 'apns.certificate'" in report.verdicts["config"][1]
     assert report.verdicts["apns"][1] == "not checked: the config check failed"
+
+
+async def test_doctor_reports_an_expired_certificate(tmp_path, test_pki):
+    config = tmp_path / "dovenotify.yaml"
+    config.write_text(f"apns:\n  certificate: {test_pki.client_expired.combined_pem}\n")
+    report = await run_doctor(config, Path("/nonexistent/dovecot.conf"))
+    assert report.code == 1
+    status, summary, fix = report.verdicts["certificate"]
+    assert status == "FAIL"
+    assert "expired on" in summary
+    assert "README: Certificates" in fix
+    assert report.verdicts["apns"][1] == "not checked: the certificate check failed"

@@ -35,6 +35,10 @@ PrivateKey = (
 # Apple's "topics" extension on universal push certificates: lists the topic and
 # its variants (topic.voip, topic.complication).
 TOPICS_EXTENSION_OID = x509.ObjectIdentifier("1.2.840.113635.100.6.3.6")
+# Apple marks which APNs environment a push certificate is good for.
+DEVELOPMENT_OID = x509.ObjectIdentifier("1.2.840.113635.100.6.3.1")
+PRODUCTION_OID = x509.ObjectIdentifier("1.2.840.113635.100.6.3.2")
+LEGACY_MAIL_TOPIC = "com.apple.mail.XServer."
 
 
 class CertificateError(Exception):
@@ -87,10 +91,23 @@ def load_credentials(
         if key is not None:
             # A separate key file overrides the one inside the PKCS#12 file.
             private_key = _load_pem_key(key, _read(key), password)
+    return credentials_from(leaf, private_key, chain, certificate, key)
+
+
+def credentials_from(
+    leaf: x509.Certificate,
+    private_key: object,
+    chain: list[x509.Certificate],
+    certificate: Path,
+    key: Path | None = None,
+) -> Credentials:
+    """Check a certificate and key found somewhere (`certificate` names where)."""
     if private_key is None:
         raise CertificateError(
             f"{certificate}: no private key found (give the key file, or a file holding both)"
         )
+    if not isinstance(private_key, PrivateKey):
+        raise CertificateError(f"{certificate}: unsupported key type {type(private_key).__name__}")
     if _public_der(leaf.public_key()) != _public_der(private_key.public_key()):
         if key is not None:
             problem = f"{key}: this private key does not belong to the certificate in {certificate}"
@@ -135,6 +152,56 @@ def client_ssl_context(
         with _cert_chain_file(credentials) as (path, password):
             context.load_cert_chain(path, password=password)
     return context
+
+
+def environment(credentials: Credentials) -> str:
+    """Which APNs environment the certificate is for, as far as it says."""
+    present = {e.oid for e in credentials.certificate.extensions}
+    sandbox, production = DEVELOPMENT_OID in present, PRODUCTION_OID in present
+    if sandbox and production:
+        return "sandbox and production"
+    if sandbox:
+        return "sandbox (development)"
+    if production:
+        return "production"
+    if credentials.topic.startswith(LEGACY_MAIL_TOPIC):
+        return "production (mail server certificate)"
+    return "unknown"
+
+
+def save_credentials(credentials: Credentials, certificate: Path, key: Path | None) -> None:
+    """Write certificate (and chain) and key as PEM, mode 0600; the key goes into the
+    certificate file unless `key` names a file of its own.
+
+    Each file is replaced in one rename, so a service reloading at that moment reads
+    the old pair or the new one, never half of one.
+    """
+    chain = b"".join(
+        c.public_bytes(serialization.Encoding.PEM)
+        for c in (credentials.certificate, *credentials.chain)
+    )
+    key_pem = credentials.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    if key is None:
+        _write_private(certificate, chain + key_pem)
+    else:
+        _write_private(key, key_pem)
+        _write_private(certificate, chain)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
 
 
 # --- loading -------------------------------------------------------------------------

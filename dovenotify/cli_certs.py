@@ -1,0 +1,351 @@
+"""Commands for APNs credentials and moving over from xapsd.
+
+`dovenotify cert show`, `dovenotify cert import FILE`, `dovenotify test-push --user
+NAME` and `dovenotify import-xapsd --database database.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import xapsd_import
+from .apns_auth import load_auth, open_sender, read_password
+from .certificates import (
+    CertificateError,
+    Credentials,
+    credentials_from,
+    environment,
+    load_credentials,
+    save_credentials,
+)
+from .config import ApnsConfig, Config
+from .store import Registration, open_store
+from .usernames import UserKeys
+
+
+def register(commands: Any) -> None:
+    # Here, not at the top: cli imports this module to call register().
+    from .cli import add_command
+
+    help = "Show or replace the APNs certificate."
+    cert = commands.add_parser("cert", help=help, description=help)
+    actions = cert.add_subparsers(dest="cert_command", required=True, metavar="ACTION")
+    show = add_command(
+        actions,
+        "show",
+        "Print the configured APNs certificate (or FILE): subject, topics, expiry."
+        " Exit code 1 if it is expired or unusable.",
+        _show,
+    )
+    show.add_argument("file", nargs="?", type=Path, help="a certificate file instead")
+    show.add_argument("--password-file", type=Path, help="password for FILE, if a .p12")
+    imported = add_command(
+        actions,
+        "import",
+        "Check a certificate and key (PEM or .p12/.pfx) and install them where"
+        " apns.certificate (and apns.key) say, readable by root only.",
+        _import,
+    )
+    imported.add_argument("file", type=Path, help="PEM with certificate and key, or .p12/.pfx")
+    imported.add_argument("--key", type=Path, help="the key, when it is in a file of its own")
+    imported.add_argument("--password-file", type=Path, help="password of the .p12 or key")
+
+    push = add_command(
+        commands,
+        "test-push",
+        "Push each device of a user now and print APNs's answer for each.",
+        _test_push,
+    )
+    push.add_argument("--user", required=True, help="whose devices")
+
+    xapsd = add_command(
+        commands,
+        "import-xapsd",
+        "Import registrations and the certificate from xapsd (safe to run again).",
+        _import_xapsd,
+    )
+    xapsd.add_argument("--database", type=Path, required=True, help="xapsd's database.json")
+    xapsd.add_argument("--xapsd-config", type=Path, help="xapsd.yaml naming its certificate")
+    xapsd.add_argument(
+        "--xapsd-dir",
+        type=Path,
+        default=xapsd_import.XAPSD_DIR,
+        help=f"where xapsd.yaml's file names are relative to (default {xapsd_import.XAPSD_DIR})",
+    )
+
+
+# --- cert show -------------------------------------------------------------------------
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .cli import load_config
+
+    config = load_config(args) if args.file is None else None
+    try:
+        if args.file is not None:
+            credentials = load_credentials(args.file, None, read_password(args.password_file))
+        else:
+            assert config is not None
+            apns = config.apns
+            if apns.token_key is not None:
+                auth = load_auth(apns)
+                print(f"Token authentication: key {apns.token_key}, key id {apns.key_id},")
+                print(f"  team {apns.team_id}, topic {auth.topic}")
+                return 0
+            if apns.certificate is None:
+                raise CertificateError("apns.certificate is not set")
+            credentials = load_credentials(
+                apns.certificate, apns.key, read_password(apns.password_file)
+            )
+    except CertificateError as error:
+        print(f"dovenotify: this certificate cannot be used: {error}", file=sys.stderr)
+        return 1
+    _print_certificate(credentials)
+    problem = _problem(credentials, config.apns if config else None)
+    if problem:
+        print(f"dovenotify: this certificate cannot be used: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_certificate(credentials: Credentials) -> None:
+    cert = credentials.certificate
+    rows = [
+        ("File", str(credentials.source)),
+        ("Subject", cert.subject.rfc4514_string()),
+        ("Topic", credentials.topic),
+    ]
+    if credentials.topics:
+        rows.append(("Topics", ", ".join(credentials.topics)))
+    rows += [
+        ("Issuer", cert.issuer.rfc4514_string()),
+        ("Environment", environment(credentials)),
+        ("Not before", f"{credentials.not_before:%Y-%m-%d %H:%M} UTC"),
+        ("Not after", f"{credentials.not_after:%Y-%m-%d %H:%M} UTC"),
+        ("Days left", f"{credentials.days_left():.0f}"),
+    ]
+    for name, value in rows:
+        print(f"{name + ':':<13}{value}")
+
+
+def _problem(credentials: Credentials, apns: ApnsConfig | None) -> str | None:
+    now = datetime.now(UTC)
+    if credentials.not_before > now:
+        return f"it is not valid before {credentials.not_before:%Y-%m-%d %H:%M} UTC"
+    if credentials.is_expired(now):
+        return (
+            f"it expired on {credentials.not_after:%Y-%m-%d}"
+            f" ({-credentials.days_left(now):.0f} days ago)"
+        )
+    topics = {credentials.topic, *credentials.topics}
+    if apns is not None and apns.topic and apns.topic not in topics:
+        return f"apns.topic '{apns.topic}' is not one of its topics"
+    return None
+
+
+# --- cert import -----------------------------------------------------------------------
+
+
+def _import(args: argparse.Namespace) -> int:
+    from .cli import UsageError, load_config
+
+    config = load_config(args)
+    try:
+        credentials = load_credentials(args.file, args.key, read_password(args.password_file))
+    except CertificateError as error:
+        raise UsageError(str(error)) from None
+    problem = _problem(credentials, None)
+    if problem:
+        raise UsageError(f"{args.file}: not imported: {problem}")
+    print(_install(credentials, config))
+    _print_certificate(load_credentials(config.apns.certificate, config.apns.key))  # type: ignore[arg-type]
+    return 0
+
+
+def _install(credentials: Credentials, config: Config) -> str:
+    from .cli import UsageError
+
+    apns = config.apns
+    if apns.certificate is None:
+        raise UsageError(f"{config.path}: set apns.certificate to where the certificate goes")
+    save_credentials(credentials, apns.certificate, apns.key)
+    where = f"{apns.certificate}" + (f" and {apns.key}" if apns.key else "")
+    note = ""
+    if apns.password_file is not None:
+        note = (
+            f"\nThe key is stored without a password: remove apns.password_file from {config.path}."
+        )
+    return (
+        f"Installed the certificate for {credentials.topic} in {where} (mode 0600)."
+        f" Reload the service (SIGHUP, `systemctl reload dovenotify`) to use it.{note}"
+    )
+
+
+# --- test-push -------------------------------------------------------------------------
+
+
+def _test_push(args: argparse.Namespace) -> int:
+    import trio
+
+    from .cli import UsageError, load_config
+    from .service import describe
+
+    config = load_config(args)
+    user = UserKeys(config.username_format, config.default_domain).key(args.user)
+    store = open_store(config.database)
+    try:
+        devices = store.devices(user)
+    finally:
+        store.close()
+    if not devices:
+        print(f"{args.user} has no registered devices.")
+        return 1
+    try:
+        auth = load_auth(config.apns)
+    except CertificateError as error:
+        raise UsageError(str(error)) from None
+
+    async def push_all() -> list[str]:
+        from .apns import Push
+
+        answers = []
+        async with open_sender(config.apns, auth) as sender:
+            for device in devices:
+                outcome = await sender.send(
+                    Push(
+                        device.device_token,
+                        device.topic,
+                        device.account_id,
+                        push_type=config.apns.push_type,
+                        expiration_seconds=config.apns.expiration,
+                        priority=config.apns.priority,
+                    )
+                )
+                answers.append(describe(outcome))
+        return answers
+
+    answers = trio.run(push_all)
+    for device, answer in zip(devices, answers, strict=True):
+        print(f"{device.account_id}  {device.device_token[:12]}…  {device.topic}: {answer}")
+    return 0 if all(answer == "delivered" for answer in answers) else 1
+
+
+# --- import-xapsd ----------------------------------------------------------------------
+
+
+def _import_xapsd(args: argparse.Namespace) -> int:
+    from .cli import UsageError, load_config
+
+    config = load_config(args)
+    try:
+        database = xapsd_import.read_database(args.database)
+        from_config = (
+            xapsd_import.read_config(args.xapsd_config, args.xapsd_dir)
+            if args.xapsd_config
+            else None
+        )
+    except xapsd_import.XapsdError as error:
+        raise UsageError(str(error)) from None
+
+    credentials: Credentials | None = None
+    if database.apple_certificate is not None:
+        certificate, key = database.apple_certificate
+        try:
+            credentials = credentials_from(
+                certificate, key, [], Path(f"{args.database} (AppleCerts)")
+            )
+        except CertificateError as error:
+            raise UsageError(str(error)) from None
+    if isinstance(from_config, Credentials):
+        credentials = from_config
+    topic = _install_for_import(credentials, from_config, config)
+
+    keys = UserKeys(config.username_format, config.default_domain)
+    now = time.time()
+    imported, skipped = 0, list(database.skipped)
+    store = open_store(config.database)
+    try:
+        for entry in database.entries:
+            username = keys.key(entry.username)
+            known = {d.key for d in store.devices(username)}
+            if (username, entry.account_id, entry.device_token) in known:
+                skipped.append(
+                    f"user {entry.username!r} account {entry.account_id!r}: already registered"
+                )
+                continue
+            store.register(
+                Registration(
+                    username=username,
+                    account_id=entry.account_id,
+                    device_token=entry.device_token,
+                    topic=topic,
+                    mailboxes=entry.mailboxes,
+                    registered_at=entry.registered_at or now,
+                )
+            )
+            imported += 1
+    finally:
+        store.close()
+    print(f"Imported {imported} registration(s) from {args.database}, topic {topic}.")
+    if skipped:
+        print(f"Skipped {len(skipped)}:")
+        for reason in skipped:
+            print(f"  {reason}")
+    return 0
+
+
+def _install_for_import(
+    credentials: Credentials | None,
+    from_config: Credentials | xapsd_import.TokenSettings | None,
+    config: Config,
+) -> str:
+    """Put xapsd's certificate in place unless one is there; the topic to register with."""
+    from .cli import UsageError
+
+    apns = config.apns
+    if isinstance(from_config, xapsd_import.TokenSettings):
+        print(
+            "xapsd uses token authentication; to do the same, set in"
+            f" {config.path}:\n  apns:\n    token_key: {from_config.key_file}\n"
+            f"    key_id: {from_config.key_id}\n    team_id: {from_config.team_id}\n"
+            f"    topic: {from_config.topic}"
+        )
+        return from_config.topic
+    if credentials is None:
+        try:
+            return load_auth(apns).topic
+        except CertificateError as error:
+            raise UsageError(
+                f"no certificate in xapsd's files and none usable in the configuration"
+                f" to take the topic from: {error}"
+            ) from None
+    if apns.certificate is not None and apns.certificate.exists():
+        try:
+            present = load_credentials(
+                apns.certificate, apns.key, read_password(apns.password_file)
+            )
+        except CertificateError:
+            present = None
+        if present is not None and present.certificate == credentials.certificate:
+            print(f"The certificate for {credentials.topic} is already in {apns.certificate}.")
+        else:
+            print(
+                f"Left {apns.certificate} as it is: it holds another certificate."
+                f" To use xapsd's ({credentials.topic}, expires"
+                f" {credentials.not_after:%Y-%m-%d}), export it and run"
+                " `dovenotify cert import`."
+            )
+        return credentials.topic
+    if credentials.is_expired():
+        print(
+            f"xapsd's certificate for {credentials.topic} expired on"
+            f" {credentials.not_after:%Y-%m-%d}: not installed."
+        )
+        return credentials.topic
+    print(_install(credentials, config))
+    return credentials.topic

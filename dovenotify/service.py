@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .outbox import Gate, Outbox
 from .peers import PeerRule, peer_of
 from .registration_expiry import sweep_expired, unexpired
-from .store import Registration, SQLiteStore, open_store
+from .store import Registration, SQLiteStore, StoreError, open_store
 from .usernames import UserKeys
 
 log = logging.getLogger("dovenotify")
@@ -113,7 +113,12 @@ class Service:
             log.debug("ignored %s in %s from %s", event.name, event.mailbox, event.service)
             return
         user = self.usernames.key(event.username)
-        devices = await trio.to_thread.run_sync(self.store.devices, user)
+        try:
+            devices = await trio.to_thread.run_sync(self.store.devices, user)
+        except StoreError as e:
+            # The mail is delivered regardless; what is lost is this one push.
+            log.error("no push for %s's %s: cannot read registrations: %s", user, event.name, e)
+            return
         devices = unexpired(devices, self.config.registration_ttl, time.time())
         now = trio.current_time()
         self.metrics.event(event, devices, now)
@@ -214,6 +219,9 @@ class Service:
             )
             outcome = await self.sender.send(push)
             await self._record(device, outcome)
+        except StoreError as e:
+            # The push went out; only its bookkeeping failed. Sending goes on.
+            log.error("could not record the push to %s: %s", _who(device), e)
         finally:
             limit.release_on_behalf_of(ticket)
             self._wakeup.set()

@@ -8,11 +8,12 @@ before the relay answers OK.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -104,8 +105,17 @@ class SQLiteStore:
     def close(self) -> None:
         self._db.close()
 
-    def register(self, reg: Registration) -> None:
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """One call at a time; a database that fails it (locked, disk full) is a StoreError."""
         with self._lock:
+            try:
+                yield
+            except sqlite3.Error as e:
+                raise StoreError(f"{self.path}: {e}") from e
+
+    def register(self, reg: Registration) -> None:
+        with self._using():
             self._db.execute(
                 f"INSERT INTO registrations ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)"
                 " ON CONFLICT (username, account_id, device_token) DO UPDATE SET"
@@ -127,12 +137,12 @@ class SQLiteStore:
         if username is not None:
             query += " WHERE username = ?"
             args = (username,)
-        with self._lock:
+        with self._using():
             rows = self._db.execute(query + " ORDER BY username, registered_at", args).fetchall()
         return [_registration(row) for row in rows]
 
     def record_push(self, key: tuple[str, str, str], at: float, result: str) -> None:
-        with self._lock:
+        with self._using():
             self._db.execute(
                 "UPDATE registrations SET last_push_at = ?, last_push_result = ?"
                 " WHERE username = ? AND account_id = ? AND device_token = ?",
@@ -151,7 +161,7 @@ class SQLiteStore:
         where, args = _criteria(username, account_id, device_token, registered_before)
         if not where:
             raise ValueError("refusing to remove every registration at once")
-        with self._lock, self._db:
+        with self._using(), self._db:
             rows = self._db.execute(
                 f"SELECT {COLUMNS} FROM registrations WHERE {where}", args
             ).fetchall()

@@ -69,3 +69,48 @@ async def test_register_on_one_node_push_from_the_other(test_pki, postgres_url):
                 await phone.logout()
         finally:
             await trio.to_thread.run_sync(b_dovecot.stop)
+
+
+def _rename_database(postgres_server, old: str, new: str) -> None:
+    """Rename a database, disconnecting its clients first (they reconnect at will)."""
+    with psycopg.connect(postgres_server.url(), autocommit=True) as admin:
+        for _ in range(50):
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (old,),
+            )
+            try:
+                admin.execute(f'ALTER DATABASE "{old}" RENAME TO "{new}"')
+                return
+            except psycopg.errors.ObjectInUse:
+                continue  # a client got back in between
+    raise AssertionError(f"could not rename {old}")
+
+
+async def test_database_away_and_back(test_pki, postgres_server):
+    """PostgreSQL unreachable: registrations get NO, mail flows, the service lives on."""
+    url = postgres_server.create_database("away")
+    name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    async with run_stack(test_pki, {"database": url}, version=None) as stack:
+        phone = await stack.iphone("alice")
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        await phone.logout()
+
+        _rename_database(postgres_server, name, name + "_away")
+        try:
+            await trio.to_thread.run_sync(deliver, stack.dovecot, "alice", b"Subject: x\r\n\r\n")
+            await stack.service.wait_for_log("cannot read registrations")
+            phone = await stack.iphone("bob")
+            reply = await phone.xapplepushservice(ACCOUNT, "b0" * 32, ["INBOX"])
+            assert reply.status == "NO", reply
+            await phone.logout()
+            assert stack.service.process.returncode is None
+        finally:
+            _rename_database(postgres_server, name + "_away", name)
+
+        phone = await stack.iphone("bob")
+        assert (await phone.xapplepushservice(ACCOUNT, "b0" * 32, ["INBOX"])).ok
+        await phone.logout()
+        await trio.to_thread.run_sync(deliver, stack.dovecot, "bob", b"Subject: y\r\n\r\n")
+        while (await stack.standin.next_request()).path != f"/3/device/{'b0' * 32}":
+            pass

@@ -57,6 +57,9 @@ YAML
 fi
 
 install -d -m 0750 -o "$SERVICE_USER" -g "$SERVICE_USER" "$DOVENOTIFY_STATE"
+# Files made by root (e.g. `dovenotify import-xapsd` run with docker exec) must
+# become the service's, or it cannot write its database.
+chown -R "$SERVICE_USER:$SERVICE_USER" "$DOVENOTIFY_STATE"
 # Dovecot's users connect to the sockets in here.
 install -d -m 0755 -o "$SERVICE_USER" -g "$SERVICE_USER" "$DOVENOTIFY_RUN"
 

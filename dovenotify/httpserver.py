@@ -67,7 +67,13 @@ async def _connection(stream: trio.abc.Stream, handle: Handler) -> None:
                 return
             if request is None:
                 return
-            response = await handle(request)
+            try:
+                response = await handle(request)
+            except Exception:
+                # One failed request (say, the database is away) must not take
+                # the service down with it.
+                log.exception("%s %s failed", request.method, request.path)
+                response = Response(500, b"internal error, see dovenotify's log\n")
             if not await _try_send(conn, stream, response):
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:

@@ -22,6 +22,7 @@ else of it: keep every file Dovecot must read (scripts, helpers, sockets) under
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -389,16 +390,53 @@ class Dovecot:
                 raise AssertionError(f"no {pattern!r} in the Dovecot log:\n{self.log_text()}")
             time.sleep(0.01)
 
+    def terminate(self) -> None:
+        """Tell this instance's master (by its PID) to stop; `stop` also waits for it."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self) -> None:
         """Stop this instance's master by its PID and wait for it."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
+        self.terminate()
+        self.wait_exit()
+
+    def wait_exit(self) -> None:
+        """Wait for the master to exit; kill it if it takes longer than STOP_TIMEOUT."""
         try:
             self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+# Dovecot 2.3's master sleeps a fixed second on every stop, after it has closed its
+# listeners (services_monitor_wait_and_kill() in its service-monitor.c); 2.4 exits
+# at once. So fixtures terminate their instances at teardown and leave the waiting
+# and the removal of their directories to `stop_later`, which does both as the
+# instances exit, and for the rest when the Python process exits.
+_stopping: list[tuple[Dovecot, tuple[Path, ...]]] = []
+
+
+def stop_later(d: Dovecot, *remove: Path) -> None:
+    """Terminate `d` now; wait for it and remove the `remove` directories later."""
+    d.terminate()
+    _stopping.append((d, remove))
+    _reap(wait=False)
+
+
+def _reap(*, wait: bool) -> None:
+    for entry in list(_stopping):
+        d, remove = entry
+        if wait:
+            d.wait_exit()
+        elif d.process.poll() is None:
+            continue
+        for directory in remove:
+            shutil.rmtree(directory, ignore_errors=True)
+        _stopping.remove(entry)
+
+
+atexit.register(_reap, wait=True)
 
 
 def _await_ready(d: Dovecot) -> None:
@@ -611,8 +649,7 @@ def dovecot_factory(dovecot_version: str) -> Iterator[StartDovecot]:
 
     yield start
     for root, d in started:
-        d.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        stop_later(d, root)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from dovenotify.cli import install_dovecot_files
 from dovenotify.dovecot_config import render
 from tests.harness.apns_standin import ApnsStandin, run_apns_standin
 from tests.harness.certs import Pki
-from tests.harness.dovecot import Dovecot, installation, make_root, start_dovecot
+from tests.harness.dovecot import Dovecot, installation, make_root, start_dovecot, stop_later
 from tests.harness.imap_client import ImapClient
 from tests.harness.service import RunningService, run_service
 
@@ -99,6 +99,7 @@ async def run_stack(
     added to Dovecot's configuration after dovenotify's snippet; `userdb_fields` as
     for `start_dovecot`."""
     root = make_root("dovenotify-stack-")
+    dovecot: Dovecot | None = None
     try:
         async with run_apns_standin(pki, **standin_options) as standin:
             settings = {
@@ -120,6 +121,8 @@ async def run_stack(
                 async with run_service(root / "service", settings) as service:
                     yield Stack(root, dovecot, service, standin, settings)
             finally:
-                await trio.to_thread.run_sync(dovecot.stop)
+                # Stopped by PID now; waited for, and `root` removed, as it exits.
+                stop_later(dovecot, root)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if dovecot is None:
+            shutil.rmtree(root, ignore_errors=True)

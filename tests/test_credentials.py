@@ -9,6 +9,8 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from dovenotify import config
 from dovenotify.apns import Action, Push
@@ -21,7 +23,7 @@ from dovenotify.apns_token import (
     verify_token,
 )
 from dovenotify.certificates import CertificateError, load_credentials
-from tests.harness.apns_standin import ApnsStandin
+from tests.harness.apns_standin import ApnsStandin, run_apns_standin
 from tests.harness.certs import P12_PASSWORD, Pki
 from tests.harness.service import dovenotify_command, run_service
 
@@ -205,3 +207,33 @@ async def test_expired_certificate_at_start_up_is_a_clear_error(
 def test_days_left(test_pki: Pki) -> None:
     credentials = load_credentials(test_pki.client_expiring.combined_pem)
     assert 4.9 < credentials.days_left(datetime.now(UTC)) <= 5
+
+
+async def test_standin_refuses_a_token_signed_with_another_key(
+    test_pki: Pki, tmp_path: Path
+) -> None:
+    other = tmp_path / "AuthKey_OTHER.p8"
+    other.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    async with run_apns_standin(test_pki, token_key=test_pki.token_public_key) as standin:
+        settings = apns_config(
+            token_key=other,
+            key_id="OTHER",
+            team_id="TEAM",
+            topic="com.example.mail",
+            endpoint=standin.url,
+            ca_file=test_pki.ca_file,
+        )
+        async with open_sender(settings, load_auth(settings)) as sender:
+            outcome = await sender.send(Push(TOKEN, "com.example.mail", ACCOUNT))
+    assert (outcome.action, outcome.status, outcome.reason) == (
+        Action.CONFIG_ERROR,
+        403,
+        "InvalidProviderToken",
+    )
+    assert standin.tokens == []

@@ -1,5 +1,8 @@
 """The outbox and the sending gate: backoff, coalescing, pausing (pure, no clock)."""
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from dovenotify.outbox import Gate, Outbox
 from dovenotify.store import Registration
 
@@ -64,3 +67,28 @@ def test_gate_refusal_alarms_once_and_reopens_on_new_credentials() -> None:
     assert gate.is_open(601)  # one probe, in case Apple changed its mind
     gate.reopen()
     assert gate.is_open(2) and gate.refused is None
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["submit", "take", "fail", "deliver"]), st.integers(0, 9)),
+        max_size=300,
+    )
+)
+def test_at_most_one_pending_push_per_device_whatever_happens(steps) -> None:
+    # While APNs is down, memory is bounded by the number of devices, not events.
+    outbox = Outbox(jitter=lambda: 0.5)
+    taken: dict[str, Registration] = {}
+    now = 0.0
+    for action, n in steps:
+        now += 0.7
+        token = f"{n:02x}"
+        if action == "submit":
+            outbox.submit(device(token))
+        elif action == "take" and (registration := outbox.take(now)) is not None:
+            taken[registration.device_token] = registration
+        elif action == "fail" and token in taken:
+            outbox.failed(taken.pop(token), now)
+        elif action == "deliver" and token in taken:
+            outbox.delivered(taken.pop(token))
+        assert len(outbox) <= 10

@@ -102,6 +102,18 @@ class ClientScanner:
         self._compression_starts = False  # the COMPRESS line just read was accepted
         self._broken = False
 
+    @property
+    def opaque(self) -> int:
+        """Bytes that may bypass `feed` (e.g. be spliced): the rest of a forwarded literal."""
+        if self._captured is not None or self._inflater is not None:
+            return 0
+        return self._literal
+
+    def bypassed(self, count: int) -> None:
+        """`count` bytes of `opaque` went on without `feed`."""
+        assert 0 < count <= self.opaque
+        self._literal -= count
+
     def feed(self, data: bytes) -> list[Action]:
         actions: list[Action] = []
         if self._broken:
@@ -254,6 +266,16 @@ class ServerScanner:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def opaque(self) -> int:
+        """Bytes that may bypass `feed` (e.g. be spliced): the rest of a literal."""
+        return 0 if self._deflater is not None else self._literal
+
+    def bypassed(self, count: int) -> None:
+        """`count` bytes of `opaque` went on without `feed`."""
+        assert 0 < count <= self.opaque
+        self._literal -= count
 
     def feed(self, data: bytes) -> list[bytes | memoryview]:
         out: list[bytes | memoryview] = []

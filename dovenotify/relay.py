@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pwd
+import resource
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -24,12 +25,14 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from . import imapscan, xaps
+from . import imapscan, xaps, zerocopy
 from .store import Registration
 
 log = logging.getLogger("dovenotify.relay")
 
 BUFFER = 256 * 1024
+# Literals at least this long go on by splice; shorter ones are not worth a pipe.
+SPLICE_MIN = 64 * 1024
 HANDSHAKE_LIMIT = 4096
 _placeholder_tags = itertools.count(1)
 
@@ -54,6 +57,7 @@ class Relay:
     connections: int = 0
 
     async def serve(self, listener: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED):
+        _raise_open_file_limit()
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -92,12 +96,19 @@ class Relay:
     async def _relay(self, handoff: Handoff, client_fd: int, server_fd: int) -> None:
         client = trio.socket.from_stdlib_socket(socket.socket(fileno=client_fd))
         server = trio.socket.from_stdlib_socket(socket.socket(fileno=server_fd))
+        # A plain client's fd is its TCP socket (a TLS client's is a unix socket
+        # to imap-login). Our small answers must not wait for Nagle.
+        tcp = client.family in (socket.AF_INET, socket.AF_INET6)
+        if tcp:
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connections += 1
         scanner = imapscan.ServerScanner()
         try:
             with client, server:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._to_server, handoff, client, server, scanner, nursery)
+                    nursery.start_soon(
+                        self._to_server, handoff, client, server, scanner, nursery, tcp
+                    )
                     nursery.start_soon(self._to_client, server, client, scanner, nursery)
         finally:
             self.connections -= 1
@@ -110,7 +121,7 @@ class Relay:
         nursery: trio.Nursery,
     ) -> None:
         try:
-            while data := await server.recv(BUFFER):
+            while data := await _receive(server, client, scanner):
                 for chunk in scanner.feed(data):
                     await _send_all(client, chunk)
         except OSError:
@@ -126,10 +137,11 @@ class Relay:
         server: trio.socket.SocketType,
         replies: imapscan.ServerScanner,
         nursery: trio.Nursery,
+        tcp: bool,
     ) -> None:
         commands = imapscan.ClientScanner()
         try:
-            while data := await client.recv(BUFFER):
+            while data := await _receive(client, server, commands, quickack=tcp):
                 for action in commands.feed(data):
                     if isinstance(action, imapscan.Forward):
                         await _send_all(server, action.data)
@@ -179,6 +191,49 @@ class Relay:
             ", ".join(request.mailboxes),
         )
         return xaps.answer(command.tag, topic, request.mailboxes)
+
+
+async def _receive(
+    source: trio.socket.SocketType,
+    target: trio.socket.SocketType,
+    scanner: imapscan.ClientScanner | imapscan.ServerScanner,
+    quickack: bool = False,
+) -> bytes:
+    """The next bytes for `scanner` to look at; b"" when `source` has ended.
+
+    Long literals in between go straight from `source` to `target` by splice.
+    """
+    pipe = None
+    try:
+        while scanner.opaque >= SPLICE_MIN:
+            pipe = pipe or zerocopy.Pipe()
+            moved = await zerocopy.splice(source, target, scanner.opaque, pipe)
+            if not moved:
+                return b""
+            scanner.bypassed(moved)
+            _quickack(source, quickack)
+    finally:
+        if pipe is not None:
+            pipe.close()
+    data = await source.recv(BUFFER)
+    _quickack(source, quickack)
+    return data
+
+
+def _quickack(sock: trio.socket.SocketType, enabled: bool) -> None:
+    """ACK a TCP client at once: it may be waiting for that ACK before sending more
+    (an APPEND's literal), and Linux re-enables delayed ACKs after each read."""
+    if enabled:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+
+def _raise_open_file_limit() -> None:
+    """Each relayed session holds two descriptors: allow as many as the hard limit does
+    (systemd's soft limit of 1024 would otherwise cap the relay at ~500 sessions)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def short_token(token: str) -> str:

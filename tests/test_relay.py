@@ -15,6 +15,7 @@ import trio
 
 from dovenotify.store import Registration, SQLiteStore
 from tests.harness.dovecot import deliver
+from tests.harness.imap_client import ImapClient
 from tests.harness.stack import Stack, run_stack
 
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
@@ -119,10 +120,17 @@ def big_message(size: int) -> bytes:
     return message
 
 
-async def test_50_mb_append_and_fetch_are_byte_exact(test_pki, dovecot_version):
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
+async def test_50_mb_append_and_fetch_are_byte_exact(test_pki, dovecot_version, tls):
+    # Over TLS the relay talks to imap-login through a unix socket; in plain IMAP
+    # it has the client's TCP socket itself. Both carry the literals by splice.
     message = big_message(50 * 1024 * 1024 + 7)
     async with run_stack(test_pki, version=dovecot_version) as stack:
-        phone = await stack.iphone()
+        if tls:
+            phone = await stack.iphone()
+        else:
+            phone = await ImapClient.connect(stack.dovecot.host, stack.dovecot.imap_port)
+            await phone.login("alice", "secret")
         assert (await phone.append("INBOX", message)).ok
         assert (await phone.command("SELECT INBOX")).ok
         fetch = await phone.command("FETCH 1 (RFC822.SIZE BODY.PEEK[])")

@@ -1,5 +1,6 @@
 """The relay's stream scanners: exact forwarding, interception, literals, any chunking."""
 
+import itertools
 import zlib
 
 from hypothesis import given, settings
@@ -250,3 +251,40 @@ def test_server_stream_is_deflated_after_the_compress_answer():
     plain = before + b"c OK Begin compression.\r\n"
     assert out.startswith(plain)
     assert zlib.decompressobj(-15).decompress(out[len(plain) :]) == after
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=imap_pieces, cuts=chunks, bypass=st.integers(min_value=1, max_value=50))
+def test_bypassing_literal_bytes_is_the_same_as_feeding_them(pieces, cuts, bypass):
+    """What the relay splices past the scanners leaves them where feeding would."""
+    data = b"".join(pieces)
+    for make in (lambda: ClientScanner(INTERCEPT), ServerScanner):
+        fed, spliced = make(), make()
+        expected = bytearray()
+        got = bytearray()
+        for chunk in cut(data, cuts):
+            expected += b"".join(_forwarded(fed.feed(chunk)))
+            while chunk:
+                if spliced.opaque:
+                    n = min(spliced.opaque, bypass, len(chunk))
+                    spliced.bypassed(n)
+                    got += chunk[:n]
+                    chunk = chunk[n:]
+                else:
+                    # Fed one byte at a time, so that a literal's start is seen.
+                    got += b"".join(_forwarded(spliced.feed(chunk[:1])))
+                    chunk = chunk[1:]
+        assert got == expected
+
+
+def cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    edges = [0, *sorted(c for c in cuts if c < len(data)), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+def _forwarded(actions: list) -> list[bytes]:
+    return [
+        bytes(a.data) if isinstance(a, Forward) else bytes(a)
+        for a in actions
+        if isinstance(a, Forward | bytes | memoryview)
+    ]

@@ -1,0 +1,332 @@
+"""Benchmark: what the post-login relay costs, against Dovecot direct, in one run.
+
+Two Dovecots of the host's version side by side: one with dovenotify's snippet
+and `dovenotify serve` (every session goes through the helper and the relay),
+one plain. The same figures are taken from both with the same blocking client:
+
+- FETCH of a 50 MB message, over plain IMAP and over TLS (MB/s, median of runs);
+- NOOP round trips on an open session (median; the relay's added latency);
+- LOGIN → tagged OK (median; what the post-login helper adds to a login);
+- the relay's memory per idle connection, with thousands handed to it at once
+  the way the helper does (a Dovecot per connection would measure Dovecot).
+
+    python -m scripts.bench_relay [--fetch-mb 50] [--fetch-runs 3] [--noops 2000]
+                                  [--logins 30] [--connections 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import json
+import os
+import re
+import resource
+import socket
+import ssl
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from scripts.bench_table import print_table
+from tests.harness.certs import make_test_pki
+from tests.harness.dovecot import Dovecot, running_dovecot
+from tests.harness.imap_client import ImapClient
+from tests.harness.stack import Stack, run_stack
+
+TARGET_THROUGHPUT_RATIO = 0.9
+TARGET_ADDED_COMMAND_MS = 0.1
+TARGET_ADDED_LOGIN_MS = 15.0
+TARGET_BYTES_PER_CONNECTION = 32 * 1024
+TIME_LIMIT = 300.0  # the whole run, so that a hang cannot keep a machine busy
+_LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
+
+
+class Session:
+    """A blocking IMAP client that reads as fast as the socket allows."""
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        sock = socket.create_connection((host, port), timeout=60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = tls.wrap_socket(sock, server_hostname="localhost") if tls else sock
+        self.buffer = bytearray()
+        self.scratch = memoryview(bytearray(4 * 1024 * 1024))
+        self.tags = 0
+        self.read_line()  # greeting
+
+    def read_line(self) -> bytes:
+        while (end := self.buffer.find(b"\r\n")) < 0:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("connection closed")
+            self.buffer += chunk
+        line = bytes(self.buffer[: end + 2])
+        del self.buffer[: end + 2]
+        return line
+
+    def command(self, text: str) -> bytes:
+        """Send a command; return its tagged reply, skipping literals unread."""
+        self.tags += 1
+        tag = b"b%d " % self.tags
+        self.sock.sendall(tag + text.encode() + b"\r\n")
+        while True:
+            line = self.read_line()
+            if line.startswith(tag):
+                return line
+            if (literal := _LITERAL.search(line)) is not None:
+                self.skip(int(literal[1]))
+
+    def skip(self, size: int) -> None:
+        taken = min(size, len(self.buffer))
+        del self.buffer[:taken]
+        size -= taken
+        while size > 0:
+            got = self.sock.recv_into(self.scratch, min(size, len(self.scratch)))
+            if not got:
+                raise EOFError("connection closed inside a literal")
+            size -= got
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.command("LOGOUT")
+        self.sock.close()
+
+
+def login(host: str, port: int, tls: ssl.SSLContext | None = None) -> tuple[Session, float]:
+    """A logged-in session, and the seconds from LOGIN to its tagged OK."""
+    session = Session(host, port, tls)
+    started = time.perf_counter()
+    reply = session.command('LOGIN "alice" "secret"')
+    elapsed = time.perf_counter() - started
+    if b" OK " not in reply:
+        raise RuntimeError(f"LOGIN failed: {reply!r}")
+    return session, elapsed
+
+
+def message(size: int) -> bytes:
+    head = b"From: bench@example.org\r\nSubject: big\r\n\r\n"
+    line = os.urandom(38).hex().encode() + b"\r\n"
+    body = line * ((size - len(head)) // len(line) + 1)
+    return head + body[: size - len(head) - 2] + b"\r\n"
+
+
+async def append(dovecot: Dovecot, data: bytes) -> None:
+    client = await ImapClient.connect(dovecot.host, dovecot.imap_port)
+    await client.login("alice", "secret")
+    reply = await client.append("INBOX", data)
+    if not reply.ok:
+        raise RuntimeError(f"APPEND failed: {reply}")
+    await client.logout()
+
+
+def fetch_seconds(session: Session) -> float:
+    started = time.perf_counter()
+    reply = session.command("FETCH 1 BODY.PEEK[]")
+    elapsed = time.perf_counter() - started
+    if b" OK " not in reply:
+        raise RuntimeError(f"FETCH failed: {reply!r}")
+    return elapsed
+
+
+def noop_seconds(session: Session) -> float:
+    started = time.perf_counter()
+    session.command("NOOP")
+    return time.perf_counter() - started
+
+
+def login_seconds(dovecot: Dovecot) -> float:
+    session, elapsed = login(dovecot.host, dovecot.imap_port)
+    session.close()
+    return elapsed
+
+
+def open_session(dovecot: Dovecot, tls: bool) -> Session:
+    context = dovecot.client_ssl_context() if tls else None
+    port = dovecot.imaps_port if tls else dovecot.imap_port
+    session, _ = login(dovecot.host, port, context)
+    session.command("SELECT INBOX")
+    return session
+
+
+def alternate(
+    direct: Callable[[], float], relayed: Callable[[], float], rounds: int
+) -> tuple[float, float]:
+    """Median of each, taken turn about: load from elsewhere hits both alike."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(rounds):
+        times[0].append(direct())
+        times[1].append(relayed())
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def hand_over(relay_socket: str) -> tuple[socket.socket, socket.socket]:
+    """Give the relay one connection as the helper does; return its two far ends."""
+    client, client_far = socket.socketpair()
+    server_far, server = socket.socketpair()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+        control.connect(relay_socket)
+        fds = array.array("i", [client_far.fileno(), server_far.fileno()])
+        hello = json.dumps({"v": 1, "user": "bench", "ip": "127.0.0.1"}).encode() + b"\n"
+        control.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+        if control.recv(16) != b"OK\n":
+            raise RuntimeError("the relay refused a handoff")
+        control.sendall(b"GO\n")
+    client_far.close()
+    server_far.close()
+    return client, server
+
+
+def idle_memory(stack: Stack, count: int, deadline: float) -> tuple[int, int, float]:
+    """(connections held, bytes of relay RSS per connection, seconds to open them)."""
+    pid = stack.service.process.pid
+    relay_socket = stack.settings["relay_socket"]
+    # Warm up, so that one-off allocations are not counted per connection.
+    warm = [hand_over(relay_socket) for _ in range(50)]
+    _check(warm[-1])
+    before = rss(pid)
+    held: list[tuple[socket.socket, socket.socket]] = []
+    started = time.monotonic()
+    try:
+        while len(held) < count and time.monotonic() < deadline:
+            held.append(hand_over(relay_socket))
+        opened = time.monotonic() - started
+        # Every one is really relayed: the last one forwards a command.
+        _check(held[-1])
+        per_connection = (rss(pid) - before) // len(held)
+    finally:
+        for pair in warm + held:
+            for end in pair:
+                end.close()
+    return len(held), per_connection, opened
+
+
+def _check(pair: tuple[socket.socket, socket.socket]) -> None:
+    client, server = pair
+    client.sendall(b"c NOOP\r\n")
+    server.settimeout(5)
+    if server.recv(64) != b"c NOOP\r\n":
+        raise RuntimeError("a handed-over connection does not relay")
+
+
+def ratio_note(value: float, target: float, higher_is_better: bool) -> str:
+    met = value >= target if higher_is_better else value <= target
+    sign = "≥" if higher_is_better else "≤"
+    return f"target {sign} {target:g}: " + ("met" if met else "NOT met")
+
+
+async def measure(args: argparse.Namespace) -> None:
+    deadline = time.monotonic() + TIME_LIMIT
+    size = int(args.fetch_mb * 1024 * 1024)
+    data = message(size)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    rows: list[tuple[str, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="dovenotify-bench-pki-") as pki_dir:
+        pki = make_test_pki(Path(pki_dir))
+        async with run_stack(pki, {"log_level": "warning"}, version=None) as stack:
+            with running_dovecot() as direct:
+                relayed = stack.dovecot
+                for d in (relayed, direct):
+                    await append(d, data)
+
+                def compare() -> None:
+                    for tls in (False, True):
+                        sessions = [open_session(d, tls) for d in (direct, relayed)]
+                        d_s, r_s = alternate(
+                            *(partial(fetch_seconds, s) for s in sessions), args.fetch_runs
+                        )
+                        for session in sessions:
+                            session.close()
+                        mode = "TLS" if tls else "plain"
+                        name = f"FETCH {args.fetch_mb:g} MB, {mode}"
+                        rows.append((f"{name}, direct", f"{size / d_s / 1e6:.0f} MB/s", ""))
+                        rows.append((f"{name}, relayed", f"{size / r_s / 1e6:.0f} MB/s", ""))
+                        ratio = d_s / r_s
+                        rows.append(
+                            (
+                                f"FETCH {mode} relayed/direct",
+                                f"{ratio:.2f}",
+                                ratio_note(ratio, TARGET_THROUGHPUT_RATIO, True),
+                            )
+                        )
+
+                    sessions = [open_session(d, False) for d in (direct, relayed)]
+                    d_s, r_s = alternate(*(partial(noop_seconds, s) for s in sessions), args.noops)
+                    for session in sessions:
+                        session.close()
+                    added = (r_s - d_s) * 1000
+                    rows.append(("NOOP round trip, direct (median)", f"{d_s * 1000:.3f} ms", ""))
+                    rows.append(("NOOP round trip, relayed (median)", f"{r_s * 1000:.3f} ms", ""))
+                    rows.append(
+                        (
+                            "added per command",
+                            f"{added:.3f} ms",
+                            ratio_note(added, TARGET_ADDED_COMMAND_MS, False),
+                        )
+                    )
+
+                    d_s, r_s = alternate(
+                        partial(login_seconds, direct), partial(login_seconds, relayed), args.logins
+                    )
+                    added = (r_s - d_s) * 1000
+                    rows.append(("LOGIN → OK, direct (median)", f"{d_s * 1000:.1f} ms", ""))
+                    rows.append(("LOGIN → OK, helper + relay (median)", f"{r_s * 1000:.1f} ms", ""))
+                    rows.append(
+                        (
+                            "added per login",
+                            f"{added:.1f} ms",
+                            ratio_note(added, TARGET_ADDED_LOGIN_MS, False),
+                        )
+                    )
+
+                await trio.to_thread.run_sync(compare)
+
+            held, per_connection, opened = await trio.to_thread.run_sync(
+                idle_memory, stack, args.connections, deadline
+            )
+            rows.append(
+                (
+                    f"relay memory per idle connection ({held} open)",
+                    f"{per_connection / 1024:.1f} KB",
+                    ratio_note(per_connection / 1024, TARGET_BYTES_PER_CONNECTION / 1024, False),
+                )
+            )
+            rows.append((f"time to hand over {held} connections", f"{opened:.1f} s", ""))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print_table(
+        f"Post-login relay vs Dovecot direct (host Dovecot, loopback, {os.cpu_count()} CPUs,"
+        f" load average {os.getloadavg()[0]:.1f} at the end)",
+        rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--fetch-mb", type=float, default=50.0, help="size of the fetched message")
+    parser.add_argument("--fetch-runs", type=int, default=7, help="FETCHes per side and mode")
+    parser.add_argument("--noops", type=int, default=2000, help="NOOP round trips per side")
+    parser.add_argument("--logins", type=int, default=30, help="logins per side")
+    parser.add_argument(
+        "--connections", type=int, default=5000, help="idle connections handed to the relay"
+    )
+    args = parser.parse_args(argv)
+    trio.run(measure, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -622,6 +622,11 @@ StartDovecot = Callable[..., Dovecot]
 def dovecot_version(request: pytest.FixtureRequest) -> str:
     """Each supported Dovecot version in turn: a test that takes this runs once per version.
 
+    `dovecot` and `dovecot_factory` take it already; with the whole stack, pass it
+    on: `run_stack(test_pki, version=dovecot_version)`. Programs of that version
+    (doveadm, doveconf) run with `d.installation.command(...)`. `-k dovecot2.4`
+    selects one version's runs.
+
     The version the host does not run comes from a chroot that is built on first
     use; if it cannot be built, the test fails with the reason (CI must test both).
     """

@@ -21,11 +21,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.events
 import trio
 
 from dovenotify.apns import Push
 from dovenotify.apns_sender import DEFAULT_MAX_IN_FLIGHT, ApnsSender
-from dovenotify.certificates import load_credentials
+from dovenotify.certificates import client_ssl_context, load_credentials
 from scripts.bench_table import print_table
 from tests.harness.certs import Pki, make_test_pki
 from tests.harness.dovecot import free_ports
@@ -85,6 +88,81 @@ async def run_sender(pki: Pki, url: str, seconds: float) -> tuple[float, int, in
     return counts["delivered"] / elapsed, counts["delivered"], counts["failed"]
 
 
+async def run_bare_h2(pki: Pki, url: str, seconds: float) -> float:
+    """Pushes/s from plain h2 on one trio TLS stream, without httpx/httpcore.
+
+    Not dovenotify's sender: a measurement of what the same Python stack (trio,
+    ssl, h2) can do when each request costs only its HTTP/2 frames, to tell how
+    much of the gap to h2load the HTTP client layer accounts for. One reader task
+    hands answers to the waiting requests; one writer task flushes whatever frames
+    have piled up in one TLS write.
+    """
+    credentials = load_credentials(pki.client.combined_pem, None, None)
+    context = client_ssl_context(credentials, pki.ca_file)
+    port = int(url.rsplit(":", 1)[1])
+    stream = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", port, ssl_context=context, https_compatible=True
+    )
+    connection = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=True, header_encoding=None)
+    )
+    connection.initiate_connection()
+    answers: dict[int, trio.Event] = {}
+    statuses: dict[int, bytes] = {}
+    pending = trio.Event()
+    body = f'{{"aps":{{"account-id":"{ACCOUNT}"}}}}'.encode()
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", b"127.0.0.1"),
+        (b":path", f"/3/device/{TOKEN}".encode()),
+        (b"apns-topic", pki.client.topic.encode()),
+        (b"apns-push-type", b"background"),
+    ]
+    delivered = 0
+
+    async def writer() -> None:
+        nonlocal pending
+        while True:
+            await pending.wait()
+            pending = trio.Event()
+            if data := connection.data_to_send():
+                await stream.send_all(data)
+
+    async def reader() -> None:
+        while data := await stream.receive_some(65536):
+            for event in connection.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    statuses[event.stream_id] = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    answers.pop(event.stream_id).set()
+            pending.set()
+
+    async def worker(deadline: float) -> None:
+        nonlocal delivered
+        while trio.current_time() < deadline:
+            stream_id = connection.get_next_available_stream_id()
+            answers[stream_id] = done = trio.Event()
+            connection.send_headers(stream_id, headers)
+            connection.send_data(stream_id, body, end_stream=True)
+            pending.set()
+            await done.wait()
+            delivered += statuses.pop(stream_id, b"") == b"200"
+
+    async with trio.open_nursery() as background:
+        background.start_soon(writer)
+        background.start_soon(reader)
+        pending.set()
+        start = trio.current_time()
+        async with trio.open_nursery() as workers:
+            for _ in range(DEFAULT_MAX_IN_FLIGHT):
+                workers.start_soon(worker, start + seconds)
+        elapsed = trio.current_time() - start
+        background.cancel_scope.cancel()
+    await stream.aclose()
+    return delivered / elapsed
+
+
 def run_h2load(url: str, body: Path, requests: int) -> float:
     result = subprocess.run(
         [
@@ -133,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         ):
             mtls, mtls_ok, mtls_failed = trio.run(run_sender, pki, mtls_url, args.seconds)
             tls, tls_ok, tls_failed = trio.run(run_sender, pki, tls_url, args.seconds)
+            bare = trio.run(run_bare_h2, pki, mtls_url, args.seconds)
             ceiling = run_h2load(tls_url, body, max(20000, int(tls * args.seconds * 4)))
     print_table(
         "Sender throughput (one process, one HTTP/2 connection,"
@@ -148,8 +227,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"{tls:,.0f} pushes/s",
                 f"{tls_ok} ok, {tls_failed} failed",
             ),
+            (
+                "bare h2 on trio → nghttpd, mutual TLS",
+                f"{bare:,.0f} pushes/s",
+                "no httpx/httpcore (measurement only)",
+            ),
             ("h2load → nghttpd, server TLS only (ceiling)", f"{ceiling:,.0f} req/s", ""),
             ("ratio dovenotify / h2load", f"{tls / ceiling:.3f}", ""),
+            ("ratio dovenotify / bare h2 (both mutual TLS)", f"{mtls / bare:.2f}", ""),
             ("target", "≥ 5,000 pushes/s", "met" if mtls >= 5000 else "NOT met"),
         ],
     )

@@ -23,6 +23,7 @@ from tests.harness.dovecot import (
     EventSink,
     StartDovecot,
     deliver,
+    deliver_lda,
     make_root,
 )
 from tests.harness.imap_client import ImapClient
@@ -148,6 +149,19 @@ def test_lmtp_delivery_sends_one_message_new(
         b"MailboxCreate\talice\tINBOX\tlmtp\n",
         b"MessageNew\talice\tINBOX\tlmtp\n",
         b"MessageNew\talice\tINBOX\tlmtp\n",
+    ]
+
+
+def test_lda_delivery_sends_message_new(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
+    d = dovecot_factory(extra_conf=driver_conf())
+    with EventSink(scratch / "events.sock") as sink:
+        deliver_lda(d, "alice", MESSAGE)
+        sink.wait_for(lambda s: len(s.payloads) == 2)
+    assert sink.payloads == [
+        b"MailboxCreate\talice\tINBOX\tlda\n",
+        b"MessageNew\talice\tINBOX\tlda\n",
     ]
 
 

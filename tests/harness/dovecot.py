@@ -540,6 +540,15 @@ def deliver(
     return elapsed
 
 
+def deliver_lda(d: Dovecot, rcpt: str, message: bytes, sender: str = "sender@example.org") -> None:
+    """Deliver `message` with dovecot-lda of `d`'s version, as an MTA's pipe would."""
+    lda = d.installation.command(
+        "/usr/lib/dovecot/dovecot-lda", "-c", str(d.conf_path), "-d", rcpt, "-f", sender
+    )
+    result = subprocess.run(lda, input=message, capture_output=True, timeout=30)
+    assert result.returncode == 0, result
+
+
 class EventSink:
     """A unix-socket listener standing in for dovenotify's event socket.
 

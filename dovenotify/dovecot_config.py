@@ -153,8 +153,8 @@ plugin {{
   # The socket dovenotify listens on; the script runs as the mail user, so
   # dovenotify creates it connectable by that user.
   dovenotify_socket = {event_socket}
-  # Seconds a delivery may wait for dovenotify before the event is dropped
-  # (with a warning in this log).
+  # Seconds a delivery may wait for dovenotify before the event goes to the
+  # spool instead (with a warning in this log).
   dovenotify_timeout = {event_timeout}
   # Where the script keeps events dovenotify could not take (it is down); it
   # pushes for them when it is back.
@@ -206,8 +206,8 @@ push_notification lua {{
     # The socket dovenotify listens on; the script runs as the mail user, so
     # dovenotify creates it connectable by that user.
     dovenotify_socket = {event_socket}
-    # Seconds a delivery may wait for dovenotify before the event is dropped
-    # (with a warning in this log).
+    # Seconds a delivery may wait for dovenotify before the event goes to the
+    # spool instead (with a warning in this log).
     dovenotify_timeout = {event_timeout}
     # Where the script keeps events dovenotify could not take (it is down); it
     # pushes for them when it is back.

@@ -157,14 +157,33 @@ function dovecot_lua_notify_event_mailbox_rename(ctx, event)
   add(ctx, "MailboxRename", event.mailbox, event.mailbox_old or "")
 end
 
+-- Lua 5.4 keeps the handles of loaded C libraries in this registry table, in
+-- load order; closing the state unloads each. nil where that is not so.
+local function loaded_c_libraries()
+  local ok, registry = pcall(debug.getregistry)
+  local clibs = ok and type(registry) == "table" and registry._CLIBS
+  return type(clibs) == "table" and clibs or nil
+end
+
 -- Returns nil on success, else a reason for the log.
 local function send(data, s)
   if unix == nil then
+    local clibs = loaded_c_libraries()
+    local before = clibs and #clibs
     local ok, module = pcall(require, "socket.unix")
     if not ok then
       return "cannot load lua-socket (socket.unix): " .. tostring(module)
     end
     unix = module
+    -- Closing a Lua state unloads the C libraries it loaded (dlclose), and LMTP
+    -- makes fresh states for every delivery: loading lua-socket again each time
+    -- was most of what this script cost a delivery. Forgetting our handle keeps
+    -- the library in the process, so later states only take another reference.
+    if before ~= nil then
+      for i = #clibs, before + 1, -1 do
+        clibs[i] = nil
+      end
+    end
   end
   local conn, err = (unix.stream or unix)()
   if conn == nil then

@@ -1,0 +1,159 @@
+"""Benchmark: what the Lua driver script costs an LMTP delivery, in one run.
+
+Four Dovecots of the same version side by side, identical but for the push
+driver:
+
+- none:   no push_notification plugins at all;
+- empty:  the Lua driver with an empty script (what the driver itself costs);
+- hooks:  the Lua driver with the same hooks as dovenotify's script, doing nothing;
+- script: the Lua driver with dovenotify's script and a listener reading it.
+
+Deliveries alternate between the three (none, empty, hooks, script, none, ...), so
+that whatever else the machine does falls on all three alike; the figures are
+medians. The target: the script adds at most 0.03 to the empty script's ratio
+to no driver.
+
+    python -m scripts.bench_lua [--deliveries 300] [--dovecot-version 2.3|2.4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+from pathlib import Path
+
+import dovenotify
+from dovenotify.dovecot_config import render
+from scripts.bench_table import print_table
+from tests.harness.dovecot import EventSink, deliver, make_root, running_dovecot
+
+SCRIPT = Path(dovenotify.__file__).parent / "dovecot" / "dovenotify.lua"
+MESSAGE = (
+    b"From: a@example.org\r\nTo: alice@example.org\r\nSubject: benchmark\r\n"
+    b"Message-ID: <bench@example.org>\r\n\r\n" + b"a line of text in the body\r\n" * 40
+)
+TARGET = 0.03
+# The same hooks as dovenotify.lua, doing nothing: Dovecot registers the same
+# events and builds the same event tables, so the difference is the script's work.
+HOOKS_ONLY = "function script_init() return 0 end\n" + "".join(
+    f"function dovecot_lua_notify_{hook}(ctx, event) return {{}} end\n"
+    for hook in (
+        "begin_txn",
+        "end_txn",
+        *(
+            f"event_{name}"
+            for name in (
+                "message_new",
+                "message_append",
+                "message_expunge",
+                "flags_set",
+                "flags_clear",
+                "mailbox_create",
+                "mailbox_delete",
+                "mailbox_rename",
+            )
+        ),
+    )
+)
+WARMUP = 10
+
+
+def driver_conf(version: str, root: Path, script: Path) -> str:
+    # The post-login helper is not on the LMTP path: a pass-through stands in.
+    helper = root / "pass-through.sh"
+    helper.write_text(
+        '#!/bin/sh\nwhile [ "$#" -gt 0 ]; do case "$1" in --*) shift 2 ;;'
+        ' *) break ;; esac; done\nexec "$@"\n'
+    )
+    helper.chmod(0o755)
+    return render(
+        version,
+        lua_script=script,
+        event_socket=root / "events.sock",
+        event_timeout=0.2,
+        helper_command=[str(helper)],
+        relay_socket=root / "relay.sock",
+        relay_timeout=0.5,
+        event_spool=root / "events.spool",
+    )
+
+
+def measure(deliveries: int, version: str | None) -> None:
+    scripts = {"empty": "", "hooks": HOOKS_ONLY, "script": SCRIPT.read_text()}
+    roots = {name: make_root(f"dovenotify-bench-lua-{name}-") for name in scripts}
+    try:
+        for name, text in scripts.items():
+            (roots[name] / "driver.lua").write_text(text)
+            (roots[name] / "driver.lua").chmod(0o644)
+        with contextlib.ExitStack() as stack:
+            instances = {"none": stack.enter_context(running_dovecot(version=version))}
+            version = instances["none"].version
+            for name, root in roots.items():
+                conf = driver_conf(version, root, root / "driver.lua")
+                instances[name] = stack.enter_context(
+                    running_dovecot(version=version, extra_conf=conf)
+                )
+            sink = stack.enter_context(EventSink(roots["script"] / "events.sock"))
+            times: dict[str, list[float]] = {name: [] for name in instances}
+            for i in range(WARMUP + deliveries):
+                for name, d in instances.items():
+                    elapsed = deliver(d, "alice", MESSAGE)
+                    if i >= WARMUP:
+                        times[name].append(elapsed)
+            sink.wait_for(lambda s: len(s.lines) >= WARMUP + deliveries)
+            log = instances["script"].log_text()
+            problems = [line for line in log.splitlines() if "dovenotify:" in line]
+    finally:
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    ratio = {name: m / medians["none"] for name, m in medians.items()}
+    added = ratio["script"] - ratio["empty"]
+    verdict = "within" if added <= TARGET else "OVER"
+    print_table(
+        f"LMTP delivery on Dovecot {version}: {deliveries} deliveries each, alternating, medians",
+        [
+            ("no push driver", f"{medians['none'] * 1000:.2f} ms", "1.000"),
+            (
+                "Lua driver, empty script",
+                f"{medians['empty'] * 1000:.2f} ms",
+                f"{ratio['empty']:.3f}",
+            ),
+            (
+                "Lua driver, hooks that do nothing",
+                f"{medians['hooks'] * 1000:.2f} ms",
+                f"{ratio['hooks']:.3f}  (Dovecot collects the events)",
+            ),
+            (
+                "Lua driver, dovenotify.lua",
+                f"{medians['script'] * 1000:.2f} ms",
+                f"{ratio['script']:.3f}",
+            ),
+            ("script vs empty script", f"{added:+.3f}", f"{verdict} the target of +{TARGET}"),
+            (
+                "script vs hooks that do nothing",
+                f"{ratio['script'] - ratio['hooks']:+.3f}",
+                "what the script's own work costs",
+            ),
+            ("events received", str(len(sink.lines)), f"driver warnings: {len(problems)}"),
+        ],
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--deliveries", type=int, default=300, help="per configuration")
+    parser.add_argument(
+        "--dovecot-version", choices=("2.3", "2.4"), help="default: the host's Dovecot"
+    )
+    args = parser.parse_args(argv)
+    measure(args.deliveries, args.dovecot_version)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,7 +16,7 @@ import trio
 from dovenotify.store import Registration, SQLiteStore
 from tests.harness.dovecot import deliver
 from tests.harness.imap_client import ImapClient
-from tests.harness.stack import Stack, run_stack
+from tests.harness.stack import SYSTEM_PYTHON, Stack, run_stack
 
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
 TOKEN = "2918390218931890821908309283098109381029309829018310983092892829"
@@ -297,3 +297,20 @@ async def test_compress_deflate_is_terminated_by_the_relay(test_pki, dovecot_ver
         again = await phone.command("COMPRESS DEFLATE")
         assert again.tagged.startswith(b"%s NO [COMPRESSIONACTIVE]" % again.tag.encode())
         await phone.logout()
+
+
+async def test_only_allowed_users_may_hand_connections_to_the_relay(test_pki, dovecot_version):
+    """The helper asserts who logged in, so the relay takes handoffs only from its peers."""
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        helper = stack.root / "dovecot-files" / "postlogin.py"
+        socket_path = stack.settings["relay_socket"]
+        # As nobody (not in relay_peers): refused, and the helper goes on without it.
+        result = await trio.run_process(
+            [SYSTEM_PYTHON, "-I", str(helper), "--socket", socket_path, "/bin/echo", "went on"],
+            user="nobody",
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+        assert result.stdout == b"went on\n"
+        assert b"unavailable" in result.stderr
+        await stack.service.wait_for_log("refused a relay handoff from uid 65534")

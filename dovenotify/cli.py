@@ -151,7 +151,7 @@ def _dovecot(args: argparse.Namespace) -> int:
             lua_script=files / "dovenotify.lua",
             event_socket=config.event_socket,
             event_timeout=config.event_timeout,
-            helper_command=[str(config.helper_python), "-I", str(files / "postlogin.py")],
+            helper_command=[str(config.helper_python), "-I", "-S", str(files / "postlogin.py")],
             relay_socket=config.relay_socket,
             relay_timeout=config.relay_timeout,
             user_field=config.user_lookup,

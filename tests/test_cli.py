@@ -130,7 +130,7 @@ def test_dovecot_config_install_points_at_installed_files(tmp_path, version):
     assert (files / "dovenotify.lua").stat().st_mode & 0o777 == 0o644
     assert (files / "postlogin.py").stat().st_mode & 0o777 == 0o644
     assert f"{files}/dovenotify.lua" in result.stdout
-    assert f"/usr/bin/python3 -I {files}/postlogin.py" in result.stdout
+    assert f"/usr/bin/python3 -I -S {files}/postlogin.py" in result.stdout
     assert "XAPPLEPUSHSERVICE" in result.stdout
 
 

@@ -76,7 +76,7 @@ def dovecot_snippet(root: Path, settings: Mapping[str, Any], version: str) -> st
         lua_script=files / "dovenotify.lua",
         event_socket=Path(settings["event_socket"]),
         event_timeout=0.2,
-        helper_command=[SYSTEM_PYTHON, "-I", str(files / "postlogin.py")],
+        helper_command=[SYSTEM_PYTHON, "-I", "-S", str(files / "postlogin.py")],
         relay_socket=Path(settings["relay_socket"]),
         relay_timeout=0.5,
         user_field=settings.get("user_lookup"),

@@ -118,21 +118,18 @@ local function add(ctx, name, mailbox, extra)
   end
 end
 
-function dovecot_lua_notify_event_message_new(ctx, event)
-  add(ctx, "MessageNew", event.mailbox)
+-- One hook per event the service acts on (MailboxCreate is not one: a new
+-- mailbox is empty and nobody registered it; Dovecot skips unhooked events).
+local function hook(name)
+  return function(ctx, event)
+    add(ctx, name, event.mailbox)
+  end
 end
-
-function dovecot_lua_notify_event_message_append(ctx, event)
-  add(ctx, "MessageAppend", event.mailbox)
-end
-
-function dovecot_lua_notify_event_message_expunge(ctx, event)
-  add(ctx, "MessageExpunge", event.mailbox)
-end
-
-function dovecot_lua_notify_event_flags_set(ctx, event)
-  add(ctx, "FlagsSet", event.mailbox)
-end
+dovecot_lua_notify_event_message_new = hook("MessageNew")
+dovecot_lua_notify_event_message_append = hook("MessageAppend")
+dovecot_lua_notify_event_message_expunge = hook("MessageExpunge")
+dovecot_lua_notify_event_flags_set = hook("FlagsSet")
+dovecot_lua_notify_event_mailbox_delete = hook("MailboxDelete")
 
 function dovecot_lua_notify_event_flags_clear(ctx, event)
   -- Dovecot reports a FlagsClear with nothing in it whenever \Recent goes away
@@ -143,14 +140,6 @@ function dovecot_lua_notify_event_flags_clear(ctx, event)
     return
   end
   add(ctx, "FlagsClear", event.mailbox)
-end
-
-function dovecot_lua_notify_event_mailbox_create(ctx, event)
-  add(ctx, "MailboxCreate", event.mailbox)
-end
-
-function dovecot_lua_notify_event_mailbox_delete(ctx, event)
-  add(ctx, "MailboxDelete", event.mailbox)
 end
 
 function dovecot_lua_notify_event_mailbox_rename(ctx, event)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import re
 import statistics
 import tempfile
 import time
@@ -66,13 +67,22 @@ async def measure(rate: float, seconds: float) -> None:
                     await trio.sleep_until(start + i / rate)
                     nursery.start_soon(trio.to_thread.run_sync, one, users[i % len(users)])
             # The last pushes: wait for them rather than for a fixed time.
-            with trio.move_on_after(5):
+            with trio.move_on_after(15):
                 while any(
                     not arrivals[token] or arrivals[token][-1] < times[-1][0]
                     for token, times in replies.items()
                 ):
                     await trio.sleep(0.01)
             sent_for = trio.current_time() - start
+            # The driver's own account of events it could not hand over in time.
+            not_sent = re.findall(
+                r"dovenotify: \d+ event\(s\) not sent to .*", stack.dovecot.log_text()
+            )
+            problems = [
+                line
+                for line in stack.service.log_text().splitlines()
+                if " WARNING " in line or " ERROR " in line
+            ]
             for phone in phones:
                 await phone.logout()
 
@@ -91,6 +101,8 @@ async def measure(rate: float, seconds: float) -> None:
     pushes_total = sum(map(len, arrivals.values()))
     latencies.sort()
     p99 = percentile(latencies, 99)
+    for line in [*not_sent, *problems][:10]:
+        print("  log:", line)
     print_table(
         f"New mail → APNs: {count} LMTP deliveries at {rate:g}/s over {sent_for:.1f} s"
         " (real Dovecot, dovenotify serve, HTTP/2 mTLS stand-in)",
@@ -105,6 +117,8 @@ async def measure(rate: float, seconds: float) -> None:
             ("LMTP DATA → reply, median", f"{statistics.median(durations) * 1000:.1f} ms", ""),
             ("deliveries never followed by a push", str(unpushed), "(0 expected)"),
             ("pushes / deliveries", f"{pushes_total / count:.2f}", "below 1: coalesced"),
+            ("events the Lua driver could not send (spooled)", str(len(not_sent)), ""),
+            ("service warnings and errors", str(len(problems)), ""),
         ],
     )
 

@@ -42,6 +42,9 @@ async def register(stack: Stack, n: int, mailboxes: list[str], user: str = "alic
     phone = await stack.iphone(user)
     reply = await phone.xapplepushservice(account(n), token(n), mailboxes)
     assert reply.ok, reply
+    # Each mailbox confirmed, so iOS pushes beyond INBOX (facts.md §1).
+    confirmed = [f'* XAPPLEPUSHSERVICE "mailbox" "{m}"'.encode() for m in mailboxes]
+    assert list(reply.untagged[: len(mailboxes)]) == confirmed
     return phone
 
 

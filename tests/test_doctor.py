@@ -4,11 +4,22 @@ breakage named with its fix."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import attrs
 import trio
 
+from dovenotify import doctor
+from dovenotify.config import Config
+from dovenotify.dovecot_config import (
+    DEFAULT_EVENT_SOCKET,
+    DEFAULT_LUA_SCRIPT,
+    DEFAULT_RELAY_SOCKET,
+    render_example,
+)
+from tests.harness.dovecot import installation, make_root
+from tests.harness.dovecot import write_config as write_dovecot_config
 from tests.harness.service import dovenotify_command, write_config
 from tests.harness.stack import run_stack
 
@@ -137,3 +148,38 @@ async def test_doctor_reports_an_expired_certificate(tmp_path, test_pki):
     assert "expired on" in summary
     assert "README: Certificates" in fix
     assert report.verdicts["apns"][1] == "not checked: the certificate check failed"
+
+
+def test_doctor_reads_doveconf_of_both_versions(dovecot_version):
+    """What the dovecot check reads, from the real doveconf of 2.3 and of 2.4."""
+    root = make_root("dovenotify-doctor-")
+    try:
+        conf = write_dovecot_config(
+            root, version=dovecot_version, extra_conf=render_example(dovecot_version)
+        )
+        doveconf = installation(dovecot_version).command("doveconf", "-c", str(conf))
+        facts = doctor.read_dovecot(doveconf, None)
+        assert facts.version == dovecot_version
+        assert (facts.mail_user, facts.internal_user) == ("nobody", "dovecot")
+        assert facts.lua_script == DEFAULT_LUA_SCRIPT
+        assert facts.event_socket == DEFAULT_EVENT_SOCKET
+        assert facts.relay_socket == DEFAULT_RELAY_SOCKET
+        defaults = Config(path=root / "dovenotify.yaml")
+        assert doctor.dovecot_problems(doveconf, facts, defaults) == []
+
+        elsewhere = attrs.evolve(defaults, event_socket=Path("/run/other/events.sock"))
+        assert doctor.dovecot_problems(doveconf, facts, elsewhere) == [
+            f"the Lua driver uses {DEFAULT_EVENT_SOCKET} but event_socket is /run/other/events.sock"
+        ]
+        bare = write_dovecot_config(root, version=dovecot_version)
+        doveconf = installation(dovecot_version).command("doveconf", "-c", str(bare))
+        facts = doctor.read_dovecot(doveconf, None)
+        assert doctor.dovecot_problems(doveconf, facts, defaults) == [
+            "imap lacks mail plugins notify, push_notification, mail_lua, push_notification_lua",
+            "lmtp lacks mail plugins notify, push_notification, mail_lua, push_notification_lua",
+            "imap_capability lacks XAPPLEPUSHSERVICE",
+            "no push_notification Lua driver is configured",
+            "imap does not run the dovenotify post-login helper",
+        ]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -121,9 +121,10 @@ class Relay:
         nursery: trio.Nursery,
     ) -> None:
         try:
-            while data := await _receive(server, client, scanner):
+            inlet = _Inlet(server, client, scanner)
+            while data := await inlet.receive():
                 for chunk in scanner.feed(data):
-                    await _send_all(client, chunk)
+                    await zerocopy.send_all(client, chunk)
         except OSError:
             pass
         # Dovecot hung up (LOGOUT, shutdown) or the client went away: either way
@@ -141,10 +142,11 @@ class Relay:
     ) -> None:
         commands = imapscan.ClientScanner()
         try:
-            while data := await _receive(client, server, commands, quickack=tcp):
+            inlet = _Inlet(client, server, commands, quickack=tcp)
+            while data := await inlet.receive():
                 for action in commands.feed(data):
                     if isinstance(action, imapscan.Forward):
-                        await _send_all(server, action.data)
+                        await zerocopy.send_all(server, action.data)
                     elif isinstance(action, imapscan.Broken):
                         log.warning("closed %s's session: %s", handoff.username, action.reason)
                         nursery.cancel_scope.cancel()
@@ -157,7 +159,7 @@ class Relay:
                             replies.replace(tag, action.answer, then_deflate=action.started)
                         else:
                             replies.replace(tag, await self._answer(handoff, action))
-                        await _send_all(server, tag + b" NOOP\r\n")
+                        await zerocopy.send_all(server, tag + b" NOOP\r\n")
             # The client is gone: tell Dovecot, and let it close its side.
             server.shutdown(socket.SHUT_WR)
         except OSError:
@@ -193,31 +195,38 @@ class Relay:
         return xaps.answer(command.tag, topic, request.mailboxes)
 
 
-async def _receive(
-    source: trio.socket.SocketType,
-    target: trio.socket.SocketType,
-    scanner: imapscan.ClientScanner | imapscan.ServerScanner,
-    quickack: bool = False,
-) -> bytes:
-    """The next bytes for `scanner` to look at; b"" when `source` has ended.
+@attrs.define
+class _Inlet:
+    """One direction's source of bytes for its scanner; long literals in between go
+    straight from `source` to `target` by splice, where the kernel can."""
 
-    Long literals in between go straight from `source` to `target` by splice.
-    """
-    pipe = None
-    try:
-        while scanner.opaque >= SPLICE_MIN:
-            pipe = pipe or zerocopy.Pipe()
-            moved = await zerocopy.splice(source, target, scanner.opaque, pipe)
-            if not moved:
-                return b""
-            scanner.bypassed(moved)
-            _quickack(source, quickack)
-    finally:
-        if pipe is not None:
-            pipe.close()
-    data = await source.recv(BUFFER)
-    _quickack(source, quickack)
-    return data
+    source: trio.socket.SocketType
+    target: trio.socket.SocketType
+    scanner: imapscan.ClientScanner | imapscan.ServerScanner
+    quickack: bool = False
+    splice: bool = True
+
+    async def receive(self) -> bytes:
+        """The next bytes for the scanner to look at; b"" when `source` has ended."""
+        while self.splice and self.scanner.opaque >= SPLICE_MIN:
+            try:
+                with contextlib.closing(zerocopy.Pipe()) as pipe:
+                    while self.scanner.opaque >= SPLICE_MIN:
+                        moved = await zerocopy.splice(
+                            self.source, self.target, self.scanner.opaque, pipe
+                        )
+                        if not moved:
+                            return b""
+                        self.scanner.bypassed(moved)
+                        _quickack(self.source, self.quickack)
+            except zerocopy.Unsupported as e:
+                # These sockets cannot splice: copy, as for everything else.
+                if e.moved:
+                    self.scanner.bypassed(e.moved)
+                self.splice = False
+        data = await self.source.recv(BUFFER)
+        _quickack(self.source, self.quickack)
+        return data
 
 
 def _quickack(sock: trio.socket.SocketType, enabled: bool) -> None:
@@ -238,13 +247,6 @@ def _raise_open_file_limit() -> None:
 
 def short_token(token: str) -> str:
     return token[:8] + "…" if len(token) > 8 else token
-
-
-async def _send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        sent = await sock.send(view)
-        view = view[sent:]
 
 
 async def _receive_handoff(sock: trio.socket.SocketType) -> tuple[Handoff | None, list[int]]:

@@ -7,6 +7,7 @@ bytes never enter Python, which leaves the CPU to Dovecot and the client.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 
@@ -15,6 +16,16 @@ import trio
 # A bigger pipe moves more per system call; the kernel caps it (pipe-max-size).
 PIPE_SIZE = 1 << 20
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# What splice answers for a socket type it cannot handle, before anything moved.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+class Unsupported(Exception):
+    """These descriptors cannot splice. `moved` bytes went to the target all the same."""
+
+    def __init__(self, moved: int = 0) -> None:
+        super().__init__(f"splice is not supported here ({moved} bytes moved by copying)")
+        self.moved = moved
 
 
 class Pipe:
@@ -41,10 +52,35 @@ async def splice(
             break
         except BlockingIOError:
             await trio.lowlevel.wait_readable(source)
+        except OSError as e:
+            if e.errno in _UNSUPPORTED:
+                raise Unsupported() from e
+            raise
     left = moved
     while left:
         try:
             left -= os.splice(pipe.read_end, target.fileno(), left, flags=_FLAGS)
         except BlockingIOError:
             await trio.lowlevel.wait_writable(target)
+        except OSError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+            # The bytes are in the pipe already: deliver them the ordinary way.
+            await send_all(target, _read_exactly(pipe.read_end, left))
+            raise Unsupported(moved) from e
     return moved
+
+
+def _read_exactly(fd: int, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = os.read(fd, size)
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[await sock.send(view) :]

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dovenotify")
 
+# xaps_register_callback does i_assert(size > 31) on the topic it reads back.
+PLUGIN_MIN_TOPIC = 32
+
 
 class EndpointError(ValueError):
     """A listen address that cannot be used (the CLI prints it without a traceback)."""
@@ -66,6 +69,14 @@ async def open_endpoints(service: Service, relay: Relay) -> list[Endpoint]:
             CompatApi(lambda: service.topic, service.register, devices, event).handle,
         ),
     ]
+    if config.compat_listen is not None and len(service.topic.encode()) < PLUGIN_MIN_TOPIC:
+        log.warning(
+            "compat_listen: the topic %s is shorter than %d bytes, which the dovecot-xaps"
+            " C plugin rejects with an assertion (its imap process dies); replace the"
+            " plugin by dovenotify's Dovecot configuration before using this topic",
+            service.topic,
+            PLUGIN_MIN_TOPIC,
+        )
     opened: list[Endpoint] = []
     for key, address, handler in wanted:
         if address is None:

@@ -108,3 +108,20 @@ async def test_status_codes_as_xapsd(tmp_path, test_pki, apns_standin):
         assert (await http.post("/notify", content=bare)).status_code == 200
         with trio.fail_after(5):
             assert (await apns_standin.next_request()).path == f"/3/device/{TOKEN}"
+
+
+async def test_warns_of_a_topic_the_plugin_would_crash_on(tmp_path, test_pki, apns_standin):
+    (port,) = free_ports(1)
+    settings = service_settings(tmp_path, test_pki, apns_standin.url)
+    settings["compat_listen"] = f"127.0.0.1:{port}"
+    topic = "com.apple.mobilemail.push.a.b"  # 29 bytes
+    settings["apns"] = {
+        "token_key": str(test_pki.token_key),
+        "key_id": "TESTKEY123",
+        "team_id": "TEAM123456",
+        "topic": topic,
+        "endpoint": apns_standin.url,
+        "ca_file": str(test_pki.ca_file),
+    }
+    async with run_service(tmp_path / "service", settings) as service:
+        assert f"compat_listen: the topic {topic} is shorter than 32 bytes" in service.log_text()

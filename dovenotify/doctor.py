@@ -145,27 +145,30 @@ def check_dovecot(f: Findings) -> Verdict:
 def check_sockets(f: Findings) -> Verdict:
     if f.config is None or f.dovecot is None:
         return _skipped("sockets", "config" if f.config is None else "dovecot")
+    mail, internal = f.dovecot.mail_user, f.dovecot.internal_user
     problems = [
         problem
-        for path, user in (
-            (f.config.event_socket, f.dovecot.mail_user),
-            (f.config.relay_socket, f.dovecot.internal_user),
+        for path, user, is_socket in (
+            (f.config.event_socket, mail, True),
+            (f.config.relay_socket, internal, True),
+            # Where the Lua driver keeps events while the socket does not answer.
+            (f.config.event_spool, mail, False),
         )
-        if (problem := socket_problem(path, user))
+        if (problem := write_problem(path, user, is_socket=is_socket))
     ]
     if problems:
         return Verdict(
             "sockets",
             False,
             "; ".join(problems),
-            "start `dovenotify serve`; it creates both sockets mode 0666 in a directory "
-            "Dovecot's users can enter",
+            "start `dovenotify serve`; it creates the sockets (mode 0666) and the event "
+            "spool (0622); their directories must let Dovecot's users in",
         )
     return Verdict(
         "sockets",
         True,
-        f"{f.config.event_socket} open to {f.dovecot.mail_user}, "
-        f"{f.config.relay_socket} open to {f.dovecot.internal_user}",
+        f"{f.config.event_socket} and {f.config.event_spool} open to {mail}, "
+        f"{f.config.relay_socket} open to {internal}",
     )
 
 
@@ -383,16 +386,18 @@ def dovecot_problems(
 # --- sockets, as the users that use them ------------------------------------
 
 
-def socket_problem(path: Path, user: str) -> str | None:
-    """Why `user` could not connect to the unix socket at `path`, or None."""
+def write_problem(path: Path, user: str, *, is_socket: bool) -> str | None:
+    """Why `user` could not connect to the socket (or append to the file) at `path`."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return f"{path} does not exist"
     except OSError as e:
         return f"{path}: {e.strerror}"
-    if not stat.S_ISSOCK(st.st_mode):
+    if is_socket and not stat.S_ISSOCK(st.st_mode):
         return f"{path} is not a socket"
+    if not is_socket and not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a file"
     entry = _user(user)
     groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
     for directory in reversed(path.parents):

@@ -102,6 +102,7 @@ async def test_doctor_names_each_breakage_and_its_fix(test_pki):
         # The event socket closed to the mail user (e.g. a restrictive umask or a
         # hand-made directory).
         Path(settings["event_socket"]).chmod(0o600)
+        Path(settings["event_spool"]).chmod(0o600)
         # Dovecot's configuration with the capability line dropped.
         conf = stack.dovecot.conf_path.read_text()
         broken = stack.dovecot.conf_path.with_name("broken.conf")
@@ -117,6 +118,7 @@ async def test_doctor_names_each_breakage_and_its_fix(test_pki):
         assert v["sockets"][0] == "FAIL"
         assert "nobody may not write to" in v["sockets"][1]
         assert "mode 0600" in v["sockets"][1]
+        assert f"nobody may not write to {settings['event_spool']}" in v["sockets"][1]
         assert v["lua"][0] == "FAIL"
         assert "permission denied" in v["lua"][1].lower(), v["lua"]
         assert v["relay"][0] == "FAIL"

@@ -156,6 +156,7 @@ def _dovecot(args: argparse.Namespace) -> int:
             relay_timeout=config.relay_timeout,
             user_field=config.user_lookup,
             event_spool=config.event_spool,
+            relay_only_field=config.relay_only_field,
         ),
         end="",
     )

@@ -89,6 +89,9 @@ class Config:
     # Seconds a registration lasts unless the device registers again (iOS does at
     # every connection); older ones get no pushes and are deleted.
     registration_ttl: float = 30 * 86400.0
+    # Relay only users whose userdb has this field, non-empty (e.g. the users who
+    # may use push); the others' sessions go straight to Dovecot. None: everyone.
+    relay_only_field: str | None = None
     # How long a push that keeps failing for transient reasons is retried.
     retry_deadline: float = 3600.0
 
@@ -240,6 +243,7 @@ TOP_KEYS: dict[str, Check] = {
     "event_peers": _optional(_words("users or uids, and @groups or @gids")),
     "event_spool": _path,
     "registration_ttl": _number(60, 10 * 365 * 86400),
+    "relay_only_field": _optional(_string("a userdb field name")),
     "retry_deadline": _number(0, 7 * 86400),
 }
 

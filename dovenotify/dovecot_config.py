@@ -60,12 +60,14 @@ def render(
     relay_timeout: float,
     user_field: str | None = None,
     event_spool: Path = DEFAULT_EVENT_SPOOL,
+    relay_only_field: str | None = None,
 ) -> str:
     """The configuration snippet for Dovecot `version` ("2.3" or "2.4")."""
     if version not in VERSIONS:
         raise ValueError(f"unsupported Dovecot version {version!r}; expected one of {VERSIONS}")
-    if user_field is not None and not _FIELD_NAME.match(user_field):
-        raise ValueError(f"user field {user_field!r} is not a plain userdb field name")
+    for field in (user_field, relay_only_field):
+        if field is not None and not _FIELD_NAME.match(field):
+            raise ValueError(f"user field {field!r} is not a plain userdb field name")
     if not helper_command:
         raise ValueError("the post-login helper command is empty")
     values = {
@@ -78,6 +80,7 @@ def render(
             + ["--socket", _word(relay_socket, "relay socket path")]
             + ["--timeout", _seconds(relay_timeout, "relay timeout")]
             + (["--user-field", user_field] if user_field else [])
+            + (["--only-field", relay_only_field] if relay_only_field else [])
         ),
         "user_field": user_field,
     }

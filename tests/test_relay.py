@@ -316,3 +316,23 @@ async def test_only_allowed_users_may_hand_connections_to_the_relay(test_pki, do
         assert result.stdout == b"went on\n"
         assert b"unavailable" in result.stderr
         await stack.service.wait_for_log("refused a relay handoff from uid 65534")
+
+
+async def test_relay_only_field_leaves_other_users_to_dovecot(test_pki, dovecot_version):
+    async with run_stack(
+        test_pki,
+        {"relay_only_field": "push"},
+        version=dovecot_version,
+        userdb_fields={"alice": {"push": "yes"}},
+    ) as stack:
+        alice = await stack.iphone("alice")
+        assert (await alice.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        bob = await stack.iphone("bob")
+        # Not relayed: Dovecot itself answers, and knows no such command.
+        refused = await bob.xapplepushservice(ACCOUNT, OTHER_TOKEN, ["INBOX"])
+        assert refused.status == "BAD" and b"Unknown command" in refused.tagged
+        assert (await bob.command("NOOP")).ok
+        assert [d.username for d in await devices(stack)] == ["alice"]
+        await alice.logout()
+        await bob.logout()
+        assert "dovenotify-postlogin" not in stack.dovecot.log_text()

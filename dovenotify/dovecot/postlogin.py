@@ -7,7 +7,10 @@ only. Whatever goes wrong, it ends by exec'ing the chain: at worst the user gets
 plain IMAP without push registration, never a failed login.
 
 Usage (appended by script-login): postlogin.py --socket PATH --timeout SECONDS
-    [--user-field NAME] CHAIN...
+    [--user-field NAME] [--only-field NAME] CHAIN...
+
+With --only-field, users whose userdb lacks that field (or has it empty) are not
+relayed: the chain goes on at once, without a word in the log.
 """
 
 # The C socket module, not `socket` and not `json`: every login waits for this
@@ -27,7 +30,12 @@ SEND_BUFFER = 4 * 1024 * 1024
 
 
 def parse_args(args):
-    options = {"socket": "/run/dovenotify/relay.sock", "timeout": "0.5", "user-field": ""}
+    options = {
+        "socket": "/run/dovenotify/relay.sock",
+        "timeout": "0.5",
+        "user-field": "",
+        "only-field": "",
+    }
     while args and args[0].startswith("--") and len(args) >= 2:
         options[args[0][2:]] = args[1]
         args = args[2:]
@@ -84,6 +92,9 @@ def main(argv):
     if not chain:
         sys.stderr.write("dovenotify-postlogin: no login chain to continue with\n")
         return 1
+    only = options["only-field"]
+    if only and not os.environ.get(only.upper()):
+        os.execv(chain[0], chain)
     try:
         ours = hand_over(options["socket"], float(options["timeout"]), options["user-field"])
     except (OSError, ValueError) as e:

@@ -81,6 +81,7 @@ def dovecot_snippet(root: Path, settings: Mapping[str, Any], version: str) -> st
         relay_timeout=0.5,
         user_field=settings.get("user_lookup"),
         event_spool=Path(settings["event_spool"]),
+        relay_only_field=settings.get("relay_only_field"),
     )
 
 

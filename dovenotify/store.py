@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 
@@ -203,11 +204,28 @@ def _registration(row: Iterable[object]) -> Registration:
     )
 
 
-def open_store(database: str) -> SQLiteStore:
+class Store(Protocol):
+    """What the service and the CLI use; SQLiteStore and store_postgres.PostgresStore."""
+
+    def register(self, reg: Registration) -> None: ...
+    def devices(self, username: str | None = None) -> list[Registration]: ...
+    def record_push(self, key: tuple[str, str, str], at: float, result: str) -> None: ...
+    def remove(
+        self,
+        *,
+        username: str | None = None,
+        account_id: str | None = None,
+        device_token: str | None = None,
+        registered_before: float | None = None,
+    ) -> list[Registration]: ...
+    def close(self) -> None: ...
+
+
+def open_store(database: str) -> Store:
     """The store for `database`: a SQLite file path, or a postgresql:// URL."""
     if database.startswith(("postgresql://", "postgres://")):
         # Imported here so that SQLite-only sites need no PostgreSQL driver loaded.
         from .store_postgres import PostgresStore
 
-        return PostgresStore(database)  # type: ignore[return-value]
+        return PostgresStore(database)
     return SQLiteStore(Path(database))

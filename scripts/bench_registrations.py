@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     sqlite_p50 = percentile(results["SQLite"][1], 50)
     postgres_p50 = percentile(results["PostgreSQL"][1], 50)
     table.append(("lookup p50 ratio PostgreSQL / SQLite", f"{postgres_p50 / sqlite_p50:.1f}", ""))
+    # What any `dovenotify` command costs before it touches a database.
+    start_up = timed(
+        lambda: subprocess.run([*dovenotify_command(), "--help"], check=True, capture_output=True),
+        CLI_RUNS,
+    )
+    table.append(("dovenotify --help (process start)", f"{statistics.median(start_up):.0f} ms", ""))
     print_table(f"Registrations at scale: {args.rows:,} registrations", table)
 
 

@@ -22,8 +22,11 @@ import trio
 from dovenotify.store import open_store
 from tests.harness.apns_standin import Answer, run_apns_standin
 from tests.harness.dovecot import deliver, free_ports
+from tests.harness.postgres import postgres_server, postgres_url
 from tests.harness.service import run_service
 from tests.harness.stack import Stack, run_stack
+
+__all__ = ["postgres_server", "postgres_url"]
 
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
 ALICE = "a1" * 32
@@ -47,8 +50,10 @@ async def deliver_async(stack: Stack, user: str) -> float:
     return await trio.to_thread.run_sync(deliver, stack.dovecot, user, MAIL)
 
 
-async def test_kill_9_loses_no_acknowledged_registration(test_pki):
-    async with run_stack(test_pki, version=None) as stack:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_kill_9_loses_no_acknowledged_registration(test_pki, backend, request):
+    overrides = {"database": request.getfixturevalue("postgres_url")} if backend != "sqlite" else {}
+    async with run_stack(test_pki, overrides, version=None) as stack:
         acknowledged: list[str] = []
         delivered = 0
 

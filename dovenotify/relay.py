@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -34,6 +35,9 @@ BUFFER = 256 * 1024
 # Literals at least this long go on by splice; shorter ones are not worth a pipe.
 SPLICE_MIN = 64 * 1024
 HANDSHAKE_LIMIT = 4096
+# Out of descriptors or memory: pause accepting for this long, then try again.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE = 0.1
 _placeholder_tags = itertools.count(1)
 
 
@@ -55,14 +59,34 @@ class Relay:
     allowed_uids: frozenset[int]
     handshake_timeout: float = 2.0
     connections: int = 0
+    starved: bool = False  # out of descriptors: said so in the log, once
 
     async def serve(self, listener: trio.SocketListener, *, task_status=trio.TASK_STATUS_IGNORED):
         _raise_open_file_limit()
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as e:
+                    if e.errno not in _OUT_OF_RESOURCES:
+                        raise
+                    # Sessions already relayed go on; new logins wait out
+                    # relay_timeout and go straight to Dovecot until some end.
+                    self._starving(e.strerror or str(e))
+                    await trio.sleep(ACCEPT_PAUSE)
+                    continue
                 nursery.start_soon(self._handle, stream, nursery)
+
+    def _starving(self, reason: str) -> None:
+        if not self.starved:
+            log.error(
+                "cannot take more relayed sessions (%s, %d open): new logins go on"
+                " without push registration until some end",
+                reason,
+                self.connections,
+            )
+        self.starved = True
 
     async def _handle(self, control: trio.SocketStream, nursery: trio.Nursery) -> None:
         sock = control.socket
@@ -77,7 +101,11 @@ class Relay:
                 )
                 return
             with trio.move_on_after(self.handshake_timeout):
-                handoff, fds = await _receive_handoff(sock)
+                try:
+                    handoff, fds = await _receive_handoff(sock)
+                except _DescriptorsLost:
+                    self._starving("out of file descriptors")
+                    return
                 if handoff is not None:
                     with contextlib.suppress(trio.BrokenResourceError):
                         await control.send_all(b"OK\n")
@@ -90,6 +118,9 @@ class Relay:
                 return
         finally:
             await control.aclose()
+        if self.starved:
+            log.warning("taking relayed sessions again (%d open)", self.connections)
+            self.starved = False
         client_fd, server_fd = fds
         nursery.start_soon(self._relay, handoff, client_fd, server_fd)
 
@@ -251,7 +282,7 @@ def short_token(token: str) -> str:
 
 async def _receive_handoff(sock: trio.socket.SocketType) -> tuple[Handoff | None, list[int]]:
     fd_size = array.array("i").itemsize
-    data, ancillary, _flags, _addr = await sock.recvmsg(
+    data, ancillary, flags, _addr = await sock.recvmsg(
         HANDSHAKE_LIMIT, socket.CMSG_SPACE(2 * fd_size)
     )
     fds: list[int] = []
@@ -260,6 +291,11 @@ async def _receive_handoff(sock: trio.socket.SocketType) -> tuple[Handoff | None
             received = array.array("i")
             received.frombytes(payload[: len(payload) - len(payload) % fd_size])
             fds.extend(received)
+    if flags & socket.MSG_CTRUNC:
+        # The kernel could not give us the descriptors (we are at our limit).
+        for fd in fds:
+            os.close(fd)
+        raise _DescriptorsLost
     try:
         hello = json.loads(data.decode("utf-8"))
         username = hello.get("lookup") or hello["user"]
@@ -271,6 +307,10 @@ async def _receive_handoff(sock: trio.socket.SocketType) -> tuple[Handoff | None
         for fd in fds:
             os.close(fd)
         return None, []
+
+
+class _DescriptorsLost(Exception):
+    """A handoff arrived without its descriptors: this process has no room for them."""
 
 
 def _peer_uid(sock: trio.socket.SocketType) -> int:

@@ -17,9 +17,7 @@ one plain. The same figures are taken from both with the same blocking client:
 from __future__ import annotations
 
 import argparse
-import array
 import contextlib
-import json
 import os
 import re
 import resource
@@ -37,6 +35,7 @@ import trio
 from scripts.bench_table import print_table
 from tests.harness.certs import make_test_pki
 from tests.harness.dovecot import Dovecot, running_dovecot
+from tests.harness.handoff import hand_over, relays
 from tests.harness.imap_client import ImapClient
 from tests.harness.stack import Stack, run_stack
 
@@ -172,30 +171,14 @@ def rss(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def hand_over(relay_socket: str) -> tuple[socket.socket, socket.socket]:
-    """Give the relay one connection as the helper does; return its two far ends."""
-    client, client_far = socket.socketpair()
-    server_far, server = socket.socketpair()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
-        control.connect(relay_socket)
-        fds = array.array("i", [client_far.fileno(), server_far.fileno()])
-        hello = json.dumps({"v": 1, "user": "bench", "ip": "127.0.0.1"}).encode() + b"\n"
-        control.sendmsg([hello], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-        if control.recv(16) != b"OK\n":
-            raise RuntimeError("the relay refused a handoff")
-        control.sendall(b"GO\n")
-    client_far.close()
-    server_far.close()
-    return client, server
-
-
 def idle_memory(stack: Stack, count: int, deadline: float) -> tuple[int, int, float]:
     """(connections held, bytes of relay RSS per connection, seconds to open them)."""
     pid = stack.service.process.pid
     relay_socket = stack.settings["relay_socket"]
     # Warm up, so that one-off allocations are not counted per connection.
     warm = [hand_over(relay_socket) for _ in range(50)]
-    _check(warm[-1])
+    if not relays(warm[-1]):
+        raise RuntimeError("a handed-over connection does not relay")
     before = rss(pid)
     held: list[tuple[socket.socket, socket.socket]] = []
     started = time.monotonic()
@@ -204,21 +187,14 @@ def idle_memory(stack: Stack, count: int, deadline: float) -> tuple[int, int, fl
             held.append(hand_over(relay_socket))
         opened = time.monotonic() - started
         # Every one is really relayed: the last one forwards a command.
-        _check(held[-1])
+        if not relays(held[-1]):
+            raise RuntimeError("a handed-over connection does not relay")
         per_connection = (rss(pid) - before) // len(held)
     finally:
         for pair in warm + held:
             for end in pair:
                 end.close()
     return len(held), per_connection, opened
-
-
-def _check(pair: tuple[socket.socket, socket.socket]) -> None:
-    client, server = pair
-    client.sendall(b"c NOOP\r\n")
-    server.settimeout(5)
-    if server.recv(64) != b"c NOOP\r\n":
-        raise RuntimeError("a handed-over connection does not relay")
 
 
 def ratio_note(value: float, target: float, higher_is_better: bool) -> str:

@@ -6,6 +6,8 @@ passes through `dovenotify serve`'s relay exactly as in production.
 
 import contextlib
 import hashlib
+import os
+import resource
 import signal
 import sqlite3
 from pathlib import Path
@@ -15,6 +17,7 @@ import trio
 
 from dovenotify.store import Registration, SQLiteStore
 from tests.harness.dovecot import deliver
+from tests.harness.handoff import hand_over, relays
 from tests.harness.imap_client import ImapClient
 from tests.harness.stack import SYSTEM_PYTHON, Stack, run_stack
 
@@ -336,3 +339,30 @@ async def test_relay_only_field_leaves_other_users_to_dovecot(test_pki, dovecot_
         await alice.logout()
         await bob.logout()
         assert "dovenotify-postlogin" not in stack.dovecot.log_text()
+
+
+async def test_out_of_descriptors_the_relay_pauses_and_sessions_go_on(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        held = hand_over(stack.settings["relay_socket"])
+        pid = stack.service.process.pid
+        # No room for one more descriptor.
+        _, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), hard))
+        # A login now waits out relay_timeout and goes on without the relay.
+        bob = await stack.iphone("bob")
+        assert (await bob.xapplepushservice(ACCOUNT, OTHER_TOKEN, ["INBOX"])).status == "BAD"
+        await stack.service.wait_for_log("cannot take more relayed sessions (Too many open files")
+        # Sessions relayed before go on, registrations included.
+        assert relays(held)
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        await bob.logout()
+        # Room again: the next login is relayed.
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+        bob = await stack.iphone("bob")
+        assert (await bob.xapplepushservice(ACCOUNT, OTHER_TOKEN, ["INBOX"])).ok
+        await stack.service.wait_for_log("taking relayed sessions again")
+        await bob.logout()
+        await phone.logout()
+        for end in held:
+            end.close()

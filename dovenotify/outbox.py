@@ -103,6 +103,9 @@ class Gate:
     refused: str | None = None
     _opens_at: float = 0.0
     _failures: int = 0
+    # Kinds of trouble seen since APNs last answered normally, and since when.
+    _troubles: set[str] = attrs.field(factory=set)
+    _trouble_since: float | None = None
 
     def is_open(self, now: float) -> bool:
         return now >= self._opens_at
@@ -122,6 +125,22 @@ class Gate:
         backoff = min(self.max_backoff, 2.0 ** min(self._failures, 16)) * (0.5 + self.jitter())
         self._failures += 1
         self._opens_at = now + backoff
+
+    def trouble(self, kind: str, now: float) -> bool:
+        """A failure worth retrying; True if this kind is new in this outage (log it)."""
+        if self._trouble_since is None:
+            self._trouble_since = now
+        new = kind not in self._troubles
+        self._troubles.add(kind)
+        return new
+
+    def recovered(self, now: float) -> float | None:
+        """APNs answered normally: how long the trouble lasted, if there was any."""
+        if self._trouble_since is None:
+            return None
+        lasted, self._trouble_since = now - self._trouble_since, None
+        self._troubles.clear()
+        return lasted
 
     def refuse(self, reason: str, now: float) -> bool:
         """Close until new credentials; True the first time, when the alarm is due."""

@@ -268,9 +268,22 @@ class Service:
             return
         else:
             self.gate.answered()
+        # An outage is told once per kind of failure, and when it ends, rather than
+        # once per device and retry.
+        trouble = _trouble(outcome)
+        if trouble is not None:
+            if self.gate.trouble(trouble, now):
+                log.warning("%s; pending pushes are kept and retried with backoff", trouble)
+        elif outcome.status is not None and (lasted := self.gate.recovered(now)) is not None:
+            log.info("APNs answers normally again, after %.0f s", lasted)
         if outcome.action is apns.Action.RETRY:
             if self.outbox.failed(device, now):
-                log.info("push to %s will be retried: %s", _who(device), result)
+                log.log(
+                    logging.DEBUG if trouble else logging.INFO,
+                    "push to %s will be retried: %s",
+                    _who(device),
+                    result,
+                )
             else:
                 log.warning("gave up pushing to %s: %s", _who(device), result)
                 self.metrics.gave_up(device)
@@ -349,7 +362,8 @@ class Service:
             self.outbox.submit(device)
         self._wakeup.set()
         with trio.move_on_after(DRAIN_TIMEOUT):
-            while len(self.outbox):
+            # While APNs refuses our credentials, waiting would send nothing.
+            while len(self.outbox) and self.gate.refused is None:
                 self._progress = trio.Event()
                 await self._progress.wait()
         if len(self.outbox):
@@ -361,6 +375,17 @@ def describe(outcome: apns.Outcome) -> str:
         return "delivered"
     status = f"{outcome.status} " if outcome.status else ""
     return f"{outcome.action.value} ({status}{outcome.reason})"
+
+
+def _trouble(outcome: apns.Outcome) -> str | None:
+    """What is wrong with APNs as a whole, when a retry says so (not a 429)."""
+    if outcome.action is not apns.Action.RETRY:
+        return None
+    if outcome.status is None:
+        return f"APNs cannot be reached ({outcome.reason.split(':', 1)[0]})"
+    if outcome.status >= 500:
+        return f"APNs answers {outcome.status} {outcome.reason}"
+    return None
 
 
 def _who(device: Registration) -> str:

@@ -242,7 +242,11 @@ async def test_503_for_a_while_then_every_device_pushed_once(test_pki: Pki) -> N
         await new_mail(stack)  # coalesced with the pending retry
         await until(lambda: len(stack.standin.requests) >= 15, "recovery", timeout=20)
         await drained(stack)
-        assert "gave up" not in stack.service.log_text()
+        log = stack.service.log_text()
+    assert "gave up" not in log
+    # The outage is told once, and its end once: not per device or retry.
+    assert log.count("WARNING dovenotify: APNs answers 503 ServiceUnavailable;") == 1
+    assert log.count("APNs answers normally again") == 1
     delivered = Counter(token_of(r) for r in stack.standin.requests) - outage
     assert delivered == {token: 1 for token in TOKENS[:5]}
 
@@ -319,6 +323,9 @@ async def test_tls_black_hole_then_apns_comes_back(test_pki: Pki) -> None:
             await register(stack, TOKENS[0])
             await new_mail(stack)
             await log_says(stack, "will be retried: retry (ConnectTimeout")
+            assert "WARNING dovenotify: APNs cannot be reached (ConnectTimeout)" in (
+                stack.service.log_text()
+            )
             nursery.cancel_scope.cancel()
         for stream in [*accepted, *listeners]:
             await stream.aclose()

@@ -92,3 +92,14 @@ def test_at_most_one_pending_push_per_device_whatever_happens(steps) -> None:
         elif action == "deliver" and token in taken:
             outbox.delivered(taken.pop(token))
         assert len(outbox) <= 10
+
+
+def test_gate_tells_each_kind_of_trouble_once_per_outage() -> None:
+    gate = Gate()
+    assert gate.recovered(0) is None
+    assert gate.trouble("unreachable", 10)
+    assert not gate.trouble("unreachable", 11)
+    assert gate.trouble("503", 12)
+    assert gate.recovered(40) == 30
+    assert gate.recovered(41) is None
+    assert gate.trouble("unreachable", 50)  # a new outage is told again

@@ -10,6 +10,7 @@ import argparse
 
 from .relay import short_token
 from .store import open_store
+from .usernames import UserKeys
 
 
 def register(devices: argparse.ArgumentParser) -> None:
@@ -33,10 +34,15 @@ def _remove(args: argparse.Namespace) -> int:
 
     if not (args.user or args.account_id or args.token):
         raise UsageError("say which registrations to remove: --user, --account-id or --token")
-    store = open_store(load_config(args).database)
+    config = load_config(args)
+    # Registrations are stored under the user key: accept any spelling of the name.
+    keys = UserKeys(config.username_format, config.default_domain)
+    store = open_store(config.database)
     try:
         removed = store.remove(
-            username=args.user, account_id=args.account_id, device_token=args.token
+            username=keys.key(args.user) if args.user else None,
+            account_id=args.account_id,
+            device_token=args.token,
         )
     finally:
         store.close()

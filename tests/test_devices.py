@@ -53,7 +53,8 @@ def test_remove_by_token_account_or_user_prints_what_went(tmp_path):
     result = devices("remove", "--config", str(config), "--account-id", "ACC-1")
     assert result.stdout == "Removed alice account ACC-1 device c1c1c1c1… (INBOX, Notes)\n"
 
-    result = devices("remove", "--config", str(config), "--user", "alice")
+    # Any spelling of the name, as for the listing (username_format lowercase).
+    result = devices("remove", "--config", str(config), "--user", "Alice")
     assert result.stdout == "Removed alice account ACC-2 device a2a2a2a2… (INBOX)\n"
     assert tokens(database) == {"b0" * 32}
 

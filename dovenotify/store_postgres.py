@@ -23,6 +23,8 @@ from .store import COLUMNS, SCHEMA_VERSION, Registration, StoreError, _criteria
 
 T = TypeVar("T")
 
+# Seconds one statement may wait (for a lock, mostly), as SQLiteStore's busy timeout.
+STATEMENT_TIMEOUT = 5.0
 # Any constant will do: it only has to be the same on every node.
 _MIGRATION_LOCK = 0x646F76656E6F74  # "dovenot"
 
@@ -78,11 +80,17 @@ class PostgresStore:
             self._db = psycopg.connect(
                 self.url, autocommit=True, connect_timeout=max(1, int(self._connect_timeout))
             )
+            # PostgreSQL waits for a lock forever by default: a table locked by an
+            # admin's session would hang every registration and event lookup. Like
+            # SQLite's busy timeout, give up after a while; the iPhone gets NO.
+            self._db.execute(f"SET statement_timeout = {int(STATEMENT_TIMEOUT * 1000)}")
         return self._db
 
     def _migrate(self) -> None:
         db = self._connect()
         with db.transaction():
+            # A migration of a big table may take longer than one call should.
+            db.execute("SET LOCAL statement_timeout = 0")
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             db.execute("CREATE TABLE IF NOT EXISTS dovenotify_schema (version INTEGER NOT NULL)")
             row = db.execute("SELECT version FROM dovenotify_schema").fetchone()

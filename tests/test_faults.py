@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import trio
 
@@ -247,32 +248,51 @@ def locked(database: str) -> Iterator[None]:
         db.close()
 
 
-@pytest.mark.parametrize("fault", ["database locked", "disk full"])
-async def test_a_registration_that_cannot_be_stored_gets_no(test_pki, tmp_path, fault):
+@contextlib.contextmanager
+def postgres_locked(url: str) -> Iterator[None]:
+    """A session holding the table (a migration, VACUUM FULL, an admin's LOCK)."""
+    with psycopg.connect(url) as db:
+        db.execute("LOCK TABLE registrations IN ACCESS EXCLUSIVE MODE")
+        yield
+        db.rollback()
+
+
+@pytest.mark.parametrize("fault", ["database locked", "disk full", "postgresql locked"])
+async def test_a_registration_that_cannot_be_stored_gets_no(test_pki, tmp_path, fault, request):
     with contextlib.ExitStack() as cleanup:
         overrides = {}
         if fault == "disk full":
             disk = cleanup.enter_context(small_filesystem(tmp_path / "disk"))
             overrides["database"] = str(disk / "registrations.sqlite")
+        elif fault == "postgresql locked":
+            overrides["database"] = request.getfixturevalue("postgres_url")
         async with run_stack(test_pki, overrides, version=None) as stack:
             database = stack.settings["database"]
             assert await register(stack, "alice", ALICE) == "OK"
             with contextlib.ExitStack() as fault_on:
                 if fault == "disk full":
                     fault_on.callback(os.unlink, fill(disk))
+                elif fault == "postgresql locked":
+                    fault_on.enter_context(postgres_locked(database))
                 else:
                     fault_on.enter_context(locked(database))
-                # The iPhone is told NO (it retries later), not OK for a lost registration.
-                assert await register(stack, "bob", BOB) == "NO"
+                # The iPhone is told NO (it retries later), not OK for a lost registration,
+                # and not left waiting.
+                with trio.fail_after(20):
+                    assert await register(stack, "bob", BOB) == "NO"
                 # The session and the service go on.
                 phone = await stack.iphone("bob")
                 assert (await phone.command("NOOP")).ok
                 await phone.logout()
             assert stack.service.process.returncode is None
             assert await register(stack, "bob", BOB) == "OK"
-            with contextlib.closing(sqlite3.connect(database)) as db:
-                assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-                tokens = {t for (t,) in db.execute("SELECT device_token FROM registrations")}
-            assert tokens == {ALICE, BOB}
+            if fault != "postgresql locked":
+                with contextlib.closing(sqlite3.connect(database)) as db:
+                    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+            store = open_store(database)
+            try:
+                assert {d.device_token for d in store.devices()} == {ALICE, BOB}
+            finally:
+                store.close()
             await deliver_async(stack, "bob")
             assert (await stack.standin.next_request()).path == f"/3/device/{BOB}"

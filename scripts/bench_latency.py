@@ -28,6 +28,7 @@ from scripts.bench_table import percentile, print_table
 from tests.harness.apns_standin import Answer, RecordedRequest
 from tests.harness.certs import make_test_pki
 from tests.harness.dovecot import deliver
+from tests.harness.postgres import running_postgres
 from tests.harness.stack import run_stack
 
 USERS = {"alice": "0a" * 32, "bob": "0b" * 32}
@@ -35,7 +36,7 @@ ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
 TARGET_P99_MS = 25.0
 
 
-async def measure(rate: float, seconds: float) -> None:
+async def measure(rate: float, seconds: float, database: str | None) -> None:
     arrivals: dict[str, list[float]] = defaultdict(list)
 
     def record(request: RecordedRequest) -> Answer:
@@ -46,7 +47,8 @@ async def measure(rate: float, seconds: float) -> None:
     durations: list[float] = []
     with tempfile.TemporaryDirectory(prefix="dovenotify-bench-pki-") as pki_dir:
         pki = make_test_pki(Path(pki_dir))
-        async with run_stack(pki, {"log_level": "info"}, version=None, responder=record) as stack:
+        settings = {"log_level": "info", **({"database": database} if database else {})}
+        async with run_stack(pki, settings, version=None, responder=record) as stack:
             phones = []
             for user, token in USERS.items():
                 phone = await stack.iphone(user)
@@ -105,7 +107,8 @@ async def measure(rate: float, seconds: float) -> None:
         print("  log:", line)
     print_table(
         f"New mail → APNs: {count} LMTP deliveries at {rate:g}/s over {sent_for:.1f} s"
-        " (real Dovecot, dovenotify serve, HTTP/2 mTLS stand-in)",
+        " (real Dovecot, dovenotify serve, HTTP/2 mTLS stand-in,"
+        f" registrations in {'PostgreSQL' if database else 'SQLite'})",
         [
             ("latency p50", f"{percentile(latencies, 50):.1f} ms", ""),
             (
@@ -127,8 +130,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=float, default=50.0, help="deliveries per second")
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to deliver")
+    parser.add_argument(
+        "--postgresql",
+        action="store_true",
+        help="keep registrations in a PostgreSQL server started for the run (default SQLite)",
+    )
     args = parser.parse_args(argv)
-    trio.run(measure, args.rate, args.seconds)
+    if not args.postgresql:
+        trio.run(measure, args.rate, args.seconds, None)
+        return
+    with running_postgres() as server:
+        trio.run(measure, args.rate, args.seconds, server.create_database("bench"))
 
 
 if __name__ == "__main__":

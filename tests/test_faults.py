@@ -110,14 +110,16 @@ async def black_hole(port: int):
     """Accepts TCP connections on `port` and never says a word."""
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
     held: list[trio.SocketStream] = []
+    reached = trio.Event()  # set when the first connection comes in
 
     async def swallow() -> None:
         while True:
             held.append(await listeners[0].accept())
+            reached.set()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(swallow)
-        yield
+        yield reached
         nursery.cancel_scope.cancel()
     for stream in held:
         await stream.aclose()
@@ -159,11 +161,15 @@ async def test_apns_outage_pushes_each_device_once_and_logs_it_once(test_pki):
             await deliver_async(stack, "bob")
         await trio.sleep(1)
         # A black hole: connections are accepted, nothing ever answers.
-        async with black_hole(port):
+        async with black_hole(port) as reached:
             for _ in range(5):
                 await deliver_async(stack, "alice")
                 await deliver_async(stack, "bob")
-            await trio.sleep(1.5)
+            # The sender's backoff decides when it tries again: wait for it, then
+            # for its timeout (0.5 s) to run out in the hole.
+            with trio.fail_after(30):
+                await reached.wait()
+            await trio.sleep(1)
         # APNs answers again, but only 503 ServiceUnavailable.
         unavailable = Answer(503, {"reason": "ServiceUnavailable"})
         async with run_apns_standin(test_pki, port=port, responder=lambda r: unavailable) as apple:
@@ -174,20 +180,22 @@ async def test_apns_outage_pushes_each_device_once_and_logs_it_once(test_pki):
             # Recovery. Each device waited out a backoff; within it comes one push each.
             recovered_at = len(apple.requests)
             apple.responder = lambda r: Answer(200)
-            outage_log = log_lines_since(stack.service.log_text(), outage_starts)
             while {r.path for r in apple.requests[recovered_at:]} != set(devices):
                 await apple.next_request(timeout=40)
             # Nothing more is due: a second push per device would come at once.
             await trio.sleep(1)
             after = [r.path for r in apple.requests[recovered_at:]]
             assert sorted(after) == sorted(devices), after
+            await stack.service.wait_for_log("again")
+            outage_log = log_lines_since(stack.service.log_text(), outage_starts)
 
-    # 30 deliveries to 8 devices during the outage: the log tells about the outage,
-    # not about every event or device (a line per kind of failure, at most).
-    if len(outage_log) > 4:
-        # Everything above is required; this part waits on the sender's outage
-        # logging (the APNs issue). Reported as xfail until then, with the lines.
-        pytest.xfail("the outage was logged per device:\n" + "\n".join(outage_log))
+    # 30 deliveries to 8 devices during the outage: the log tells about the outage
+    # (a line per kind of failure, and one when it ends), not about every event or
+    # device.
+    assert len(outage_log) <= 6, "\n".join(outage_log)
+    # ... and each of the three failures was met (refused, silence, 503), then the end.
+    for sign in ("ConnectError", "Timeout", "503", "again"):
+        assert any(sign in line for line in outage_log), (sign, outage_log)
 
 
 async def test_hung_service_holds_up_no_delivery_and_no_login(test_pki):

@@ -26,6 +26,8 @@ class Outbox:
     _in_flight: dict[DeviceKey, bool] = attrs.field(factory=dict)  # key -> push again after
     _waiting: dict[DeviceKey, tuple[Registration, float]] = attrs.field(factory=dict)
     _failures: dict[DeviceKey, tuple[int, float]] = attrs.field(factory=dict)
+    # Waiting because APNs as a whole failed (not because of the device).
+    _shared: set[DeviceKey] = attrs.field(factory=set)
 
     def submit(self, registration: Registration) -> None:
         key = registration.key
@@ -53,16 +55,26 @@ class Outbox:
     def delivered(self, registration: Registration) -> None:
         """Sent, or given up for good: either way this push is finished."""
         self._failures.pop(registration.key, None)
+        self._shared.discard(registration.key)
         if self._in_flight.pop(registration.key, False):
             self._ready[registration.key] = registration
 
-    def failed(self, registration: Registration, now: float) -> bool:
-        """A push that may succeed later; False when its retry deadline has passed."""
+    def failed(self, registration: Registration, now: float, shared: bool = False) -> bool:
+        """A push that may succeed later; False when its retry deadline has passed.
+
+        `shared`: the failure was APNs's as a whole (unreachable, 5xx), so the push
+        need not wait out its backoff once APNs is back (`resume`).
+        """
         key = registration.key
+        if shared:
+            self._shared.add(key)
+        else:
+            self._shared.discard(key)
         again = self._in_flight.pop(key, False)
         attempts, first = self._failures.get(key, (0, now))
         if now - first >= self.retry_deadline:
             del self._failures[key]
+            self._shared.discard(key)
             if again:
                 self._ready[key] = registration
             return False
@@ -76,6 +88,14 @@ class Outbox:
         key = registration.key
         self._in_flight.pop(key, None)
         self._ready[key] = registration
+
+    def resume(self) -> int:
+        """APNs works again: what waited only because of it goes now. How many."""
+        keys = [key for key in self._shared if key in self._waiting]
+        for key in keys:
+            self._ready[key] = self._waiting.pop(key)[0]
+        self._shared.clear()
+        return len(keys)
 
     def next_retry(self) -> float | None:
         return min((at for _, at in self._waiting.values()), default=None)

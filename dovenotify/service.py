@@ -275,9 +275,11 @@ class Service:
             if self.gate.trouble(trouble, now):
                 log.warning("%s; pending pushes are kept and retried with backoff", trouble)
         elif outcome.status is not None and (lasted := self.gate.recovered(now)) is not None:
-            log.info("APNs answers normally again, after %.0f s", lasted)
+            # Pushes held back by the outage need not wait out their backoffs.
+            resumed = self.outbox.resume()
+            log.info("APNs answers normally again after %.0f s; %d pushes resume", lasted, resumed)
         if outcome.action is apns.Action.RETRY:
-            if self.outbox.failed(device, now):
+            if self.outbox.failed(device, now, shared=trouble is not None):
                 log.log(
                     logging.DEBUG if trouble else logging.INFO,
                     "push to %s will be retried: %s",

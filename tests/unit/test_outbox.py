@@ -103,3 +103,17 @@ def test_gate_tells_each_kind_of_trouble_once_per_outage() -> None:
     assert gate.recovered(40) == 30
     assert gate.recovered(41) is None
     assert gate.trouble("unreachable", 50)  # a new outage is told again
+
+
+def test_resume_sends_what_waited_for_apns_but_not_what_waited_for_its_device() -> None:
+    outbox = Outbox(jitter=lambda: 0.5)
+    for token in ("aa", "bb", "cc"):
+        outbox.submit(device(token))
+    a, b, c = (outbox.take(0) for _ in range(3))
+    outbox.failed(a, 0, shared=True)  # 503
+    outbox.failed(b, 0, shared=True)
+    outbox.failed(c, 0)  # 429: that device's own backoff
+    assert outbox.resume() == 2
+    assert {outbox.take(0.1).device_token, outbox.take(0.1).device_token} == {"aa", "bb"}
+    assert outbox.take(0.1) is None
+    assert outbox.take(1).device_token == "cc"

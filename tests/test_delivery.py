@@ -251,6 +251,23 @@ async def test_503_for_a_while_then_every_device_pushed_once(test_pki: Pki) -> N
     assert delivered == {token: 1 for token in TOKENS[:5]}
 
 
+async def test_gives_up_at_retry_deadline_with_one_line(test_pki: Pki) -> None:
+    unavailable = Answer(503, {"reason": "ServiceUnavailable"})
+    async with run_stack(
+        test_pki, {"retry_deadline": 2}, version=None, responder=lambda _r: unavailable
+    ) as stack:
+        await register(stack, TOKENS[0])
+        await new_mail(stack)
+        await log_says(stack, f"gave up pushing to alice device {TOKENS[0][:8]}")
+        tried = len(stack.standin.requests)
+        await drained(stack)
+        log = stack.service.log_text()
+    # Backoffs of 0.5-1.5 s, 1-3 s, 2-6 s: the 2 s deadline is met after two to four
+    # attempts, and nothing is tried after giving up.
+    assert 2 <= tried == len(stack.standin.requests) <= 4
+    assert log.count("gave up pushing") == 1
+
+
 # --- connections ---------------------------------------------------------------------
 
 

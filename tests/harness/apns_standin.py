@@ -23,15 +23,41 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import h2.events
 import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from hypercorn.config import Config
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio import serve
 
 from dovenotify.apns_token import verify_token
 from tests.harness.certs import Pki
+
+
+def _survive_clients_dying_mid_request() -> None:
+    """hypercorn 0.18 looks up a stream that a client's sudden death closed meanwhile.
+
+    When a client dies (kill -9) with a request's HEADERS and DATA still unread,
+    hypercorn closes the streams while handling the HEADERS, then fails on the DATA
+    with KeyError, which stops the whole server rather than that connection. APNs
+    does not do that; the stand-in must not either. Events for streams that are
+    gone are dropped, one event at a time, so each is checked when its turn comes.
+    """
+    handle = H2Protocol._handle_events
+    for_a_stream = (h2.events.DataReceived, h2.events.StreamEnded)
+
+    async def handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
+        for event in events:
+            if isinstance(event, for_a_stream) and event.stream_id not in self.streams:
+                continue
+            await handle(self, [event])
+
+    H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
+
+
+_survive_clients_dying_mid_request()
 
 
 @attrs.frozen

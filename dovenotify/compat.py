@@ -28,7 +28,7 @@ import attrs
 from .dispatch import wants
 from .events import Event
 from .httpserver import Request, Response
-from .relay import short_token
+from .relay import store_registration
 from .store import Registration
 
 log = logging.getLogger("dovenotify.compat")
@@ -146,18 +146,8 @@ class CompatApi:
             topic=topic,
             mailboxes=call.mailboxes,
         )
-        try:
-            await self.register(registration)
-        except Exception as e:
-            log.error("xapsd API: could not store the registration of %s: %s", call.username, e)
+        if not await store_registration(self.register, registration, via=" (xapsd API)"):
             return Response(500, b"the registration could not be stored\n")
-        log.info(
-            "registered %s account %s device %s for %s (xapsd API)",
-            call.username,
-            call.account_id,
-            short_token(call.device_token),
-            ", ".join(call.mailboxes),
-        )
         return Response(200, topic.encode())
 
     async def _notify(self, call: Notify) -> Response:

@@ -211,18 +211,8 @@ class Relay:
             topic=topic,
             mailboxes=request.mailboxes,
         )
-        try:
-            await self.register(registration)
-        except Exception as e:
-            log.error("could not store the registration of %s: %s", handoff.username, e)
+        if not await store_registration(self.register, registration):
             return xaps.no(command.tag, "the registration could not be stored, try again later")
-        log.info(
-            "registered %s account %s device %s for %s",
-            handoff.username,
-            request.account_id,
-            short_token(request.device_token),
-            ", ".join(request.mailboxes),
-        )
         return xaps.answer(command.tag, topic, request.mailboxes)
 
 
@@ -274,6 +264,28 @@ def _raise_open_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def store_registration(register: Register, registration: Registration, via: str = "") -> bool:
+    """Store a registration durably and log it; False (logged) when the store failed.
+
+    Shared by the relay and the xapsd API: both must answer "try again" rather
+    than OK when nothing was stored.
+    """
+    try:
+        await register(registration)
+    except Exception as e:
+        log.error("could not store the registration of %s%s: %s", registration.username, via, e)
+        return False
+    log.info(
+        "registered %s account %s device %s for %s%s",
+        registration.username,
+        registration.account_id,
+        short_token(registration.device_token),
+        ", ".join(registration.mailboxes),
+        via,
+    )
+    return True
 
 
 def short_token(token: str) -> str:

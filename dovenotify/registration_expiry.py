@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import trio
 
 from .relay import short_token
-from .store import Registration, SQLiteStore
+from .store import Registration, Store
 
 log = logging.getLogger("dovenotify.registrations")
 
@@ -28,7 +28,7 @@ def unexpired(devices: Iterable[Registration], ttl: float, now: float) -> list[R
     return [d for d in devices if d.registered_at > now - ttl]
 
 
-async def sweep_expired(store: SQLiteStore, ttl: float, interval: float = SWEEP_INTERVAL) -> None:
+async def sweep_expired(store: Store, ttl: float, interval: float = SWEEP_INTERVAL) -> None:
     """Delete expired registrations now and every `interval` seconds."""
     while True:
         remove = functools.partial(store.remove, registered_before=time.time() - ttl)

@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .outbox import Gate, Outbox
 from .peers import PeerRule, peer_of
 from .registration_expiry import sweep_expired, unexpired
-from .store import Registration, SQLiteStore, StoreError, open_store
+from .store import Registration, Store, StoreError, open_store
 from .usernames import UserKeys
 
 log = logging.getLogger("dovenotify")
@@ -50,7 +50,7 @@ NOT_FOR_TOPIC = apns.Action.TOKEN_NOT_FOR_TOPIC.value
 @attrs.define
 class Service:
     config: Config
-    store: SQLiteStore
+    store: Store
     sender: ApnsSender
     auth: Auth
     dispatcher: Dispatcher = attrs.field(factory=Dispatcher)

@@ -106,7 +106,10 @@ async def test_doctor_names_each_breakage_and_its_fix(test_pki):
         # Dovecot's configuration with the capability line dropped.
         conf = stack.dovecot.conf_path.read_text()
         broken = stack.dovecot.conf_path.with_name("broken.conf")
-        broken.write_text(conf.replace("imap_capability = +XAPPLEPUSHSERVICE", ""))
+        # 2.3 writes `imap_capability = +XAPPLEPUSHSERVICE`, 2.4 `XAPPLEPUSHSERVICE = yes`.
+        without = re.sub(r"(imap_capability = \+|\n\s*)XAPPLEPUSHSERVICE( = yes)?\n", "\n", conf)
+        assert without != conf
+        broken.write_text(without)
 
         report = await run_doctor(config, broken)
 

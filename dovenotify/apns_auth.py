@@ -7,6 +7,7 @@ token signed with a .p8 key (the topic is then whatever `apns.topic` says).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,7 +18,10 @@ import attrs
 from .apns_sender import ApnsSender
 from .apns_token import TokenSigner, load_token_key
 from .certificates import CertificateError, Credentials, load_credentials
-from .config import ApnsConfig
+from .config import ApnsConfig, ConfigError
+from .config import load as load_config
+
+log = logging.getLogger("dovenotify")
 
 # Days before expiry at which the log warns, once each.
 EXPIRY_WARNINGS = (30, 7, 1)
@@ -75,6 +79,20 @@ def _token_auth(apns: ApnsConfig, clock: Callable[[], float]) -> Auth:
     assert apns.token_key and apns.key_id and apns.team_id and apns.topic
     signer = TokenSigner(load_token_key(apns.token_key), apns.key_id, apns.team_id, clock)
     return Auth(None, signer, apns.topic, frozenset({apns.topic}))
+
+
+def reload_auth(config_path: Path, current: Auth) -> tuple[ApnsConfig, Auth] | None:
+    """The `apns` settings and their credentials read again (SIGHUP).
+
+    None when they are unusable: that is logged, and the caller keeps `current`,
+    so a typo in a reload never stops pushes or registrations.
+    """
+    try:
+        apns = load_config(config_path).apns
+        return apns, load_auth(apns)
+    except (ConfigError, CertificateError) as error:
+        log.error("reload failed, still using %s: %s", current.describe(), error)
+        return None
 
 
 def open_sender(apns: ApnsConfig, auth: Auth) -> ApnsSender:

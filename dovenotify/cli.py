@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cli_certs, cli_db, cli_devices, cli_doctor, dovecot_config
+from . import cli_certs, cli_db, cli_devices, cli_doctor, cli_relay, dovecot_config
 from . import config as configuration
 from .store import StoreError, iso, open_store
 from .usernames import UserKeys
@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     cli_doctor.register(commands)
     cli_certs.register(commands)
+    cli_relay.register(commands)
     return parser
 
 

@@ -94,6 +94,9 @@ class Config:
     relay_only_field: str | None = None
     # How long a push that keeps failing for transient reasons is retried.
     retry_deadline: float = 3600.0
+    # inline: `dovenotify serve` runs the relay. separate: `dovenotify relay` runs
+    # it, so restarting `serve` (upgrade, crash, new credentials) keeps relayed sessions.
+    relay_process: str = "inline"
 
 
 # --- schema -----------------------------------------------------------------
@@ -245,6 +248,7 @@ TOP_KEYS: dict[str, Check] = {
     "registration_ttl": _number(60, 10 * 365 * 86400),
     "relay_only_field": _optional(_string("a userdb field name")),
     "retry_deadline": _number(0, 7 * 86400),
+    "relay_process": _choice("inline", "separate"),
 }
 
 

@@ -161,8 +161,8 @@ def check_sockets(f: Findings) -> Verdict:
             "sockets",
             False,
             "; ".join(problems),
-            "start `dovenotify serve`; it creates the sockets (mode 0666) and the event "
-            "spool (0622); their directories must let Dovecot's users in",
+            f"start {_relay_runners(f.config)}; it creates the sockets (mode 0666) and the "
+            "event spool (0622); their directories must let Dovecot's users in",
         )
     return Verdict(
         "sockets",
@@ -215,11 +215,22 @@ def check_relay(f: Findings) -> Verdict:
             "relay",
             False,
             f"the relay at {path} hung up on {user} without answering",
-            f"add {user} to relay_peers in {f.config_path} and restart dovenotify",
+            f"add {user} to relay_peers in {f.config_path} and restart {_relay_owner(f.config)}",
         )
     if problem:
-        return Verdict("relay", False, f"as {user}: {problem}", "start `dovenotify serve`")
+        return Verdict("relay", False, f"as {user}: {problem}", f"start {_relay_owner(f.config)}")
     return Verdict("relay", True, f"the relay at {path} accepts connections from {user}")
+
+
+def _relay_owner(config: configuration.Config) -> str:
+    """Which command holds the relay socket (relay_process)."""
+    return "`dovenotify relay`" if config.relay_process == "separate" else "`dovenotify serve`"
+
+
+def _relay_runners(config: configuration.Config) -> str:
+    if config.relay_process == "separate":
+        return "`dovenotify serve` and `dovenotify relay`"
+    return "`dovenotify serve`"
 
 
 def check_apns(f: Findings) -> Verdict:

@@ -38,7 +38,7 @@ class EndpointError(ValueError):
 Endpoint = tuple[list[trio.SocketListener], Handler]
 
 
-async def open_endpoints(service: Service, relay: Relay) -> list[Endpoint]:
+async def open_endpoints(service: Service, relay: Relay | None) -> list[Endpoint]:
     """Bind what the configuration asks for, before the service says it is ready."""
     config = service.config
     event_socket = _identity(config)
@@ -49,7 +49,8 @@ async def open_endpoints(service: Service, relay: Relay) -> list[Endpoint]:
         return Samples(
             pending_pushes=len(service.outbox) + len(service.dispatcher),
             registrations=registrations,
-            relayed_connections=relay.connections,
+            # A separate `dovenotify relay` holds the sessions: not ours to count.
+            relayed_connections=relay.connections if relay else None,
             certificate_days_left=credentials.days_left() if credentials else None,
             event_listener_problem=_listener_problem(config, event_socket),
         )

@@ -89,7 +89,7 @@ class Samples:
 
     pending_pushes: int
     registrations: int
-    relayed_connections: int
+    relayed_connections: int | None
     certificate_days_left: float | None
     event_listener_problem: str | None
 

@@ -13,14 +13,14 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import attrs
 import trio
 
-from . import apns, certificates, relay, spool
-from . import config as configuration
-from .apns_auth import Auth, expiry_warning, load_auth, open_sender
+from . import apns, relay, spool
+from .apns_auth import Auth, expiry_warning, load_auth, open_sender, reload_auth
 from .apns_sender import ApnsSender
 from .config import Config
 from .dispatch import Dispatcher
@@ -161,10 +161,7 @@ class Service:
     # --- registrations ---------------------------------------------------
 
     async def register(self, registration: Registration) -> None:
-        user = self.usernames.key(registration.username)
-        await trio.to_thread.run_sync(
-            self.store.register, attrs.evolve(registration, username=user)
-        )
+        await register_keyed(self.store, self.usernames, registration)
 
     # --- sending ---------------------------------------------------------
 
@@ -319,12 +316,10 @@ class Service:
 
     async def reload(self) -> None:
         """Load the credentials again (SIGHUP), and resume sending with them."""
-        try:
-            apns_config = configuration.load(self.config.path).apns
-            auth = load_auth(apns_config)
-        except (configuration.ConfigError, certificates.CertificateError) as error:
-            log.error("reload failed, still using %s: %s", self.auth.describe(), error)
+        reloaded = reload_auth(self.config.path, self.auth)
+        if reloaded is None:
             return
+        apns_config, auth = reloaded
         old, self.sender = self.sender, open_sender(apns_config, auth)
         self.auth = auth
         self.config = attrs.evolve(self.config, apns=apns_config)
@@ -401,7 +396,23 @@ async def _receive(stream: trio.SocketStream) -> bytes:
         return b""
 
 
-def _unix_listener(path: Path, mode: int) -> trio.SocketListener:
+async def register_keyed(store: Store, usernames: UserKeys, registration: Registration) -> None:
+    """Store a registration under the user key that events are matched by."""
+    user = usernames.key(registration.username)
+    await trio.to_thread.run_sync(store.register, attrs.evolve(registration, username=user))
+
+
+def open_relay(
+    config: Config, topic: Callable[[], str], register: relay.Register
+) -> tuple[relay.Relay, trio.SocketListener]:
+    """The relay and its socket: in `serve`, or in `dovenotify relay` (relay_process)."""
+    the_relay = relay.Relay(
+        topic=topic, register=register, allowed_uids=relay.allowed_uids(config.relay_peers)
+    )
+    return the_relay, unix_listener(config.relay_socket, 0o666)
+
+
+def unix_listener(path: Path, mode: int) -> trio.SocketListener:
     path.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -413,7 +424,7 @@ def _unix_listener(path: Path, mode: int) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-def _notify_ready() -> None:
+def notify_ready() -> None:
     """Tell systemd (Type=notify) or a test harness that we are up."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
@@ -438,13 +449,12 @@ async def serve(config: Config) -> None:
         event_peers=PeerRule.parse(config.event_peers) if config.event_peers else None,
     )
     service.check_expiry()
-    the_relay = relay.Relay(
-        topic=lambda: service.topic,
-        register=service.register,
-        allowed_uids=relay.allowed_uids(config.relay_peers),
-    )
-    events = _unix_listener(config.event_socket, 0o666)
-    relayed = _unix_listener(config.relay_socket, 0o666)
+    # relay_process: separate leaves the relay socket, and its sessions, to `dovenotify relay`.
+    the_relay, relayed, sockets = None, None, [config.event_socket]
+    if config.relay_process == "inline":
+        the_relay, relayed = open_relay(config, lambda: service.topic, service.register)
+        sockets.append(config.relay_socket)
+    events = unix_listener(config.event_socket, 0o666)
     endpoints = await open_endpoints(service, the_relay)
     try:
         spool.create(config.event_spool)
@@ -458,20 +468,21 @@ async def serve(config: Config) -> None:
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(service.serve_events, events)
-            nursery.start_soon(the_relay.serve, relayed)
+            if the_relay is not None:
+                nursery.start_soon(the_relay.serve, relayed)
             nursery.start_soon(service.run_sender)
             nursery.start_soon(serve_endpoints, endpoints)
             nursery.start_soon(sweep_expired, store, config.registration_ttl)
             nursery.start_soon(service.watch_expiry)
             nursery.start_soon(service.drain_spool)
             log.info(
-                "dovenotify is running: events on %s, relay on %s, %s, APNs %s",
+                "dovenotify is running: events on %s, relay %s, %s, APNs %s",
                 config.event_socket,
-                config.relay_socket,
+                f"on {config.relay_socket}" if the_relay else "left to `dovenotify relay`",
                 auth.describe(),
                 config.apns.endpoint,
             )
-            _notify_ready()
+            notify_ready()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
@@ -483,7 +494,7 @@ async def serve(config: Config) -> None:
             nursery.cancel_scope.cancel()
         await service.sender.aclose()
     finally:
-        for path in (config.event_socket, config.relay_socket):
+        for path in sockets:
             with contextlib.suppress(OSError):
                 path.unlink()
         store.close()

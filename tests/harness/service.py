@@ -1,4 +1,5 @@
-"""Run the installed `dovenotify serve` as a real subprocess, ready when it says so.
+"""Run the installed `dovenotify serve` (or `dovenotify relay`) as a real subprocess,
+ready when it says so.
 
 Readiness is the systemd notify protocol: the service sends READY=1 to the
 datagram socket named by NOTIFY_SOCKET, and the harness awaits that datagram
@@ -66,20 +67,25 @@ def write_config(path: Path, settings: Mapping[str, Any]) -> Path:
 
 @asynccontextmanager
 async def run_service(
-    directory: Path, settings: Mapping[str, Any], extra_args: tuple[str, ...] = ()
+    directory: Path,
+    settings: Mapping[str, Any],
+    extra_args: tuple[str, ...] = (),
+    command: str = "serve",
 ) -> AsyncIterator[RunningService]:
-    """Start `dovenotify serve` with these settings; stop it (by its PID) on exit."""
+    """Start `dovenotify serve` (or `command`, e.g. relay) with these settings; stop it
+    (by its PID) on exit. Processes sharing `directory` share its configuration file."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = write_config(directory / "dovenotify.yaml", settings)
-    log_path = directory / "dovenotify.log"
-    notify_path = directory / "notify.sock"
+    serve = command == "serve"
+    log_path = directory / ("dovenotify.log" if serve else f"{command}.log")
+    notify_path = directory / ("notify.sock" if serve else f"{command}-notify.sock")
     notify_path.unlink(missing_ok=True)
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         await notify.bind(str(notify_path))
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         with log_path.open("ab") as log:
             process = await trio.lowlevel.open_process(
-                [*dovenotify_command(), "serve", "--config", str(config_path), *extra_args],
+                [*dovenotify_command(), command, "--config", str(config_path), *extra_args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class Stack:
     service: RunningService
     standin: ApnsStandin
     settings: Mapping[str, Any]
+    # `dovenotify relay`, when the settings say relay_process: separate.
+    relay: RunningService | None = None
 
     async def iphone(self, user: str = "alice", password: str = "secret") -> ImapClient:
         """A logged-in IMAP client over TLS, as iOS Mail connects."""
@@ -119,8 +121,16 @@ async def run_stack(
                 )
             )
             try:
-                async with run_service(root / "service", settings) as service:
-                    yield Stack(root, dovecot, service, standin, settings)
+                async with AsyncExitStack() as processes:
+                    service = await processes.enter_async_context(
+                        run_service(root / "service", settings)
+                    )
+                    relay = None
+                    if settings.get("relay_process") == "separate":
+                        relay = await processes.enter_async_context(
+                            run_service(root / "service", settings, command="relay")
+                        )
+                    yield Stack(root, dovecot, service, standin, settings, relay)
             finally:
                 # Stopped by PID now; waited for, and `root` removed, as it exits.
                 stop_later(dovecot, root)

@@ -122,7 +122,8 @@ def transport_failure(description: str) -> Outcome:
 def _parse_error(body: bytes) -> tuple[str, int | None]:
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
+        # RecursionError: brackets nested deeper than Python's stack, e.g. "[[[[…".
         return UNPARSEABLE, None
     if not isinstance(document, dict) or not isinstance(document.get("reason"), str):
         return UNPARSEABLE, None

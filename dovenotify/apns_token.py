@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import attrs
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -37,7 +37,7 @@ def load_token_key(path: Path) -> ec.EllipticCurvePrivateKey:
         raise CertificateError(f"{path}: cannot read: {error.strerror or error}") from error
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
         raise CertificateError(f"{path}: not an APNs .p8 key ({error})") from error
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise CertificateError(f"{path}: an APNs .p8 key is an EC P-256 key; this one is not")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import attrs
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -102,6 +103,17 @@ def credentials_from(
     key: Path | None = None,
 ) -> Credentials:
     """Check a certificate and key found somewhere (`certificate` names where)."""
+    with _damaged(certificate):
+        return _checked(leaf, private_key, chain, certificate, key)
+
+
+def _checked(
+    leaf: x509.Certificate,
+    private_key: object,
+    chain: list[x509.Certificate],
+    certificate: Path,
+    key: Path | None,
+) -> Credentials:
     if private_key is None:
         raise CertificateError(
             f"{certificate}: no private key found (give the key file, or a file holding both)"
@@ -120,7 +132,7 @@ def credentials_from(
             f"{certificate}: the certificate has no UID in its subject "
             f"({leaf.subject.rfc4514_string()}), so it names no APNs topic"
         )
-    return Credentials(
+    credentials = Credentials(
         certificate=leaf,
         private_key=private_key,
         chain=tuple(chain),
@@ -130,6 +142,15 @@ def credentials_from(
         not_after=leaf.not_valid_after_utc,
         source=certificate,
     )
+    # What cryptography reads, OpenSSL may still refuse (a weak signature or key, a
+    # part it parses more strictly): say so now, not when the service connects.
+    try:
+        with _cert_chain_file(credentials) as (path, password):
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(path, password=password)
+    except ssl.SSLError as error:
+        problem = f"{certificate}: OpenSSL refuses this certificate ({error})"
+        raise CertificateError(problem) from error
+    return credentials
 
 
 def client_ssl_context(
@@ -229,7 +250,8 @@ def _load_pem(
         private_key = _load_pem_key(path, data, password)
     else:
         private_key = None
-    leaf, chain = _split_leaf(certificates, private_key)
+    with _damaged(path):
+        leaf, chain = _split_leaf(certificates, private_key)
     return leaf, private_key, chain
 
 
@@ -247,6 +269,8 @@ def _load_pem_key(path: Path, data: bytes, password: bytes | None) -> PrivateKey
         if password:
             raise CertificateError(f"{path}: wrong password for the private key") from error
         raise CertificateError(f"{path}: cannot read the private key ({error})") from error
+    except UnsupportedAlgorithm as error:
+        raise CertificateError(f"{path}: unsupported private key ({error})") from error
     if not isinstance(private_key, PrivateKey):
         raise CertificateError(f"{path}: unsupported key type {type(private_key).__name__}")
     return private_key
@@ -288,6 +312,16 @@ def _split_leaf(
             if _public_der(candidate.public_key()) == wanted:
                 return candidate, certificates[:index] + certificates[index + 1 :]
     return certificates[0], certificates[1:]
+
+
+@contextlib.contextmanager
+def _damaged(path: Path) -> Iterator[None]:
+    """cryptography reads some parts of a certificate (subject, public key, extensions)
+    only when they are first used: a damaged part fails there, not at loading."""
+    try:
+        yield
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise CertificateError(f"{path}: damaged certificate ({error})") from error
 
 
 def _public_der(public_key: object) -> bytes:

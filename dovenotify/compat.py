@@ -60,8 +60,10 @@ class Notify:
 def _fields(body: bytes) -> dict[str, Any]:
     try:
         document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:
         raise CompatError(f"the body is not JSON: {e}") from None
+    except RecursionError:
+        raise CompatError("the body is JSON nested too deeply") from None
     if not isinstance(document, dict):
         raise CompatError("the body is not a JSON object")
     # Later duplicates win, as in encoding/json.

@@ -183,7 +183,8 @@ def _listen(*, loopback_only: bool) -> Check:
             raise ValueError(f"expected {what}")
         host, _, port = value.rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        # isdigit() alone would let "²" through to int().
+        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise ValueError(f"expected {what}")
         if loopback_only and not _is_loopback(host):
             raise ValueError(f"expected {what}: this API has no authentication")
@@ -275,6 +276,9 @@ def parse(text: str, path: Path) -> Config:
         where = f" line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{path}{where}: this is not valid YAML: {problem}") from e
+    except RecursionError as e:
+        # PyYAML builds nested lists and mappings recursively: "[[[[…" a thousand deep.
+        raise ConfigError(f"{path}: this YAML is nested too deeply to read") from e
     if data is None:
         return Config(path=path)
     top = _mapping(data, path, "the top level", lines.get(()))

@@ -309,16 +309,29 @@ async def _receive_handoff(sock: trio.socket.SocketType) -> tuple[Handoff | None
             os.close(fd)
         raise _DescriptorsLost
     try:
-        hello = json.loads(data.decode("utf-8"))
-        username = hello.get("lookup") or hello["user"]
-        if len(fds) != 2 or not isinstance(username, str) or not username:
-            raise ValueError("expected a user name and two file descriptors")
-        return Handoff(username=username, ip=str(hello.get("ip", ""))), fds
-    except (ValueError, KeyError, AttributeError, UnicodeDecodeError) as e:
+        if len(fds) != 2:
+            raise ValueError(f"expected two file descriptors, got {len(fds)}")
+        return parse_hello(data), fds
+    except ValueError as e:
         log.warning("ignored a malformed relay handoff: %s", e)
         for fd in fds:
             os.close(fd)
         return None, []
+
+
+def parse_hello(data: bytes) -> Handoff:
+    """Who logged in, from the helper's hello line; ValueError naming what is wrong."""
+    try:
+        hello = json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(hello, dict):
+        raise ValueError("expected a JSON object")
+    # `lookup` is the user_lookup field, empty when the user's userdb has none.
+    username = hello.get("lookup") or hello.get("user")
+    if not isinstance(username, str) or not username:
+        raise ValueError("expected a user name")
+    return Handoff(username=username, ip=str(hello.get("ip", "")))
 
 
 class _DescriptorsLost(Exception):

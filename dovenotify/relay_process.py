@@ -71,13 +71,13 @@ async def run(config: Config) -> None:
                             auth = reloaded[1]
                             log.info(
                                 "reloaded: now telling devices topic %s (%s); %d relayed"
-                                " sessions go on",
+                                " session(s) go on",
                                 auth.topic,
                                 auth.describe(),
                                 the_relay.connections,
                             )
                 log.info(
-                    "stopping on %s: %d relayed sessions end, their clients reconnect",
+                    "stopping on %s: %d relayed session(s) end; their clients reconnect",
                     signal.Signals(signum).name,
                     the_relay.connections,
                 )

@@ -4,6 +4,8 @@ through the post-login hook, the real APNs stand-in."""
 
 from __future__ import annotations
 
+import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -68,6 +70,7 @@ async def test_serve_does_not_bind_the_relay_socket_when_separate(test_pki, dove
                 await phone.read_response()
         await phone.aclose()
         assert not relay_socket.exists()
+        assert "stopping on SIGTERM: 1 relayed session(s) end" in stack.relay.log_text()
 
         # A serve started now neither binds the relay socket nor answers on it...
         assert await stack.service.stop() == 0
@@ -95,6 +98,34 @@ async def test_serve_does_not_bind_the_relay_socket_when_separate(test_pki, dove
                 assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
                 await phone.logout()
                 assert "registered alice account" in relay.log_text()
+
+
+async def test_sighup_reloads_the_separate_relays_topic_and_keeps_sessions(
+    tmp_path, test_pki, dovecot_version
+):
+    certificate = tmp_path / "push.pem"
+    shutil.copyfile(test_pki.client.combined_pem, certificate)
+    async with run_stack(test_pki, SEPARATE, version=dovecot_version) as stack:
+        assert stack.relay is not None
+        settings = {
+            **stack.settings,
+            "apns": {**stack.settings["apns"], "certificate": str(certificate)},
+        }
+        write_config(stack.relay.config_path, settings)
+        phone = await stack.iphone("alice")
+        assert (await phone.command("SELECT INBOX")).ok
+
+        # A new certificate, for another topic, and a reload.
+        shutil.copyfile(test_pki.client_with_topics.combined_pem, certificate)
+        stack.relay.process.send_signal(signal.SIGHUP)
+        await stack.relay.wait_for_log("reloaded: now telling devices topic")
+        assert (await phone.command("NOOP")).ok
+        reply = await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])
+        topic = test_pki.client_with_topics.topic
+        assert topic != test_pki.client.topic
+        assert reply.untagged[-1].endswith(b'aps-topic "%s"' % topic.encode()), reply
+        assert "1 relayed session(s) go on" in stack.relay.log_text()
+        await phone.logout()
 
 
 def test_relay_refuses_to_run_when_serve_runs_it(tmp_path, test_pki):

@@ -10,7 +10,6 @@ it holds, as stopping `serve` does when the relay is inline.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import signal
@@ -19,7 +18,7 @@ import trio
 
 from .apns_auth import load_auth, reload_auth
 from .config import Config
-from .service import notify_ready, open_relay, register_keyed
+from .service import notify_ready, open_relay, register_keyed, remove_socket, socket_file
 from .store import open_store
 from .usernames import UserKeys
 
@@ -35,8 +34,8 @@ def refuse_inline(config: Config) -> None:
         raise InlineRelay(
             f"{config.path} says relay_process: {config.relay_process}, so `dovenotify serve`"
             " runs the relay itself. To run it as a process of its own, set"
-            f" `relay_process: separate` in {config.path}, restart `dovenotify serve`,"
-            " then start `dovenotify relay`."
+            f" `relay_process: separate` in {config.path}, start `dovenotify relay` (it"
+            " takes the relay socket over), then restart `dovenotify serve`."
         )
 
 
@@ -51,6 +50,7 @@ async def run(config: Config) -> None:
         )
         # The lambda reads `auth` when asked, so a reload changes the topic told.
         the_relay, listener = open_relay(config, lambda: auth.topic, register)
+        bound = socket_file(config.relay_socket)
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(the_relay.serve, listener)
@@ -83,7 +83,6 @@ async def run(config: Config) -> None:
                 )
                 nursery.cancel_scope.cancel()
         finally:
-            with contextlib.suppress(OSError):
-                config.relay_socket.unlink()
+            remove_socket(config.relay_socket, bound)
     finally:
         store.close()

@@ -424,6 +424,23 @@ def unix_listener(path: Path, mode: int) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
+def socket_file(path: Path) -> tuple[int, int] | None:
+    """Which file is at `path` now (device, inode); None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def remove_socket(path: Path, bound: tuple[int, int] | None) -> None:
+    """Remove the socket file we bound, but not one bound at that path since: a
+    `dovenotify relay` started before the inline relay it replaces has stopped."""
+    if bound is not None and socket_file(path) == bound:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 def notify_ready() -> None:
     """Tell systemd (Type=notify) or a test harness that we are up."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -450,11 +467,12 @@ async def serve(config: Config) -> None:
     )
     service.check_expiry()
     # relay_process: separate leaves the relay socket, and its sessions, to `dovenotify relay`.
-    the_relay, relayed, sockets = None, None, [config.event_socket]
+    the_relay, relayed = None, None
     if config.relay_process == "inline":
         the_relay, relayed = open_relay(config, lambda: service.topic, service.register)
-        sockets.append(config.relay_socket)
     events = unix_listener(config.event_socket, 0o666)
+    sockets = [config.event_socket, *([config.relay_socket] if the_relay else [])]
+    bound = {path: socket_file(path) for path in sockets}
     endpoints = await open_endpoints(service, the_relay)
     try:
         spool.create(config.event_spool)
@@ -495,6 +513,5 @@ async def serve(config: Config) -> None:
         await service.sender.aclose()
     finally:
         for path in sockets:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            remove_socket(path, bound[path])
         store.close()

@@ -100,6 +100,39 @@ async def test_serve_does_not_bind_the_relay_socket_when_separate(test_pki, dove
                 assert "registered alice account" in relay.log_text()
 
 
+async def test_switching_to_separate_leaves_logins_no_gap(test_pki, dovecot_version):
+    """The relay started first takes the socket over; the inline serve's stop then
+    leaves it alone, so every login in between is relayed."""
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        assert stack.relay is None
+        old = await stack.iphone("alice")
+        assert (await old.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        separate = {**stack.settings, **SEPARATE}
+        async with run_service(stack.root / "service", separate, command="relay") as relay:
+            bob = await stack.iphone("bob")
+            assert (await bob.xapplepushservice(OTHER_ACCOUNT, OTHER_TOKEN, ["INBOX"])).ok
+            # The inline relay keeps the sessions it has until serve stops.
+            assert (await old.command("NOOP")).ok
+            assert await stack.service.stop() == 0
+            with pytest.raises(EOFError):
+                while True:
+                    await old.read_response()
+            await old.aclose()
+            assert Path(stack.settings["relay_socket"]).exists()
+            # Logins while serve is away, and after, go through the relay.
+            alice = await stack.iphone("alice")
+            assert (await alice.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+            async with run_service(stack.root / "service", separate):
+                assert (await bob.command("NOOP")).ok
+                deliver(stack.dovecot, "bob", b"Subject: switched\r\n\r\nhi\r\n")
+                assert (await stack.standin.next_request()).path == f"/3/device/{OTHER_TOKEN}"
+            await alice.logout()
+            await bob.logout()
+            assert "registered bob account" in relay.log_text()
+            assert "registered alice account" in relay.log_text()
+        assert "dovenotify-postlogin" not in stack.dovecot.log_text()
+
+
 async def test_sighup_reloads_the_separate_relays_topic_and_keeps_sessions(
     tmp_path, test_pki, dovecot_version
 ):
@@ -142,7 +175,8 @@ def test_relay_refuses_to_run_when_serve_runs_it(tmp_path, test_pki):
     assert result.stderr == (
         f"dovenotify: {config} says relay_process: inline, so `dovenotify serve` runs the"
         " relay itself. To run it as a process of its own, set `relay_process: separate`"
-        f" in {config}, restart `dovenotify serve`, then start `dovenotify relay`.\n"
+        f" in {config}, start `dovenotify relay` (it takes the relay socket over), then"
+        " restart `dovenotify serve`.\n"
     )
     # It took nothing from serve: no socket, no database.
     assert not Path(settings["relay_socket"]).exists()

@@ -159,6 +159,8 @@ async def test_sighup_reloads_the_separate_relays_topic_and_keeps_sessions(
         assert reply.untagged[-1].endswith(b'aps-topic "%s"' % topic.encode()), reply
         assert "1 relayed session(s) go on" in stack.relay.log_text()
         await phone.logout()
+        # The relay needs the credentials for the topic only: nobody spoke to APNs.
+        assert stack.standin.peer_certificates == []
 
 
 def test_relay_refuses_to_run_when_serve_runs_it(tmp_path, test_pki):

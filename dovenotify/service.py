@@ -138,7 +138,7 @@ class Service:
                 found = await trio.to_thread.run_sync(spool.set_aside, path)
                 if found:
                     await trio.sleep(SPOOL_GRACE)
-                    data = await trio.to_thread.run_sync(spool.take_aside, path)
+                    items = await trio.to_thread.run_sync(spool.take_aside, path)
                 problem = None
             except OSError as e:
                 found = False
@@ -146,9 +146,6 @@ class Service:
                     problem = str(e)
                     log.warning("cannot drain the event spool %s: %s", path, e)
             if found:
-                decoder = EventDecoder()
-                # Lines repeat (a user's INBOX, delivery after delivery): once is enough.
-                items = list(dict.fromkeys(decoder.feed(data) + decoder.close()))
                 count = sum(isinstance(item, Event) for item in items)
                 log.info("%d event(s) from the spool, made while dovenotify was away", count)
                 await self._handle_items(items, late=True)

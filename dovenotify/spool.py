@@ -18,7 +18,12 @@ import contextlib
 import os
 from pathlib import Path
 
+from .events import BadLine, Event, EventDecoder
+
 MODE = 0o622
+# Spooled lines are read and decoded this much at a time: the events of one chunk
+# take several times its size until the repeated ones are dropped.
+CHUNK = 64 * 1024
 
 
 def _aside(path: Path) -> Path:
@@ -55,12 +60,23 @@ def set_aside(path: Path) -> bool:
     return True
 
 
-def take_aside(path: Path) -> bytes:
-    """Read and remove what `set_aside` put aside."""
+def take_aside(path: Path) -> list[Event | BadLine]:
+    """Read and remove what `set_aside` put aside: its lines decoded, each one once.
+
+    Lines repeat (a user's INBOX, delivery after delivery), so the spool of a long
+    outage holds few distinct lines among many: read in chunks, keeping only the
+    distinct ones, memory follows the number of users, not the outage's length.
+    """
     aside = _aside(path)
     try:
-        data = aside.read_bytes()
+        spooled = aside.open("rb")
     except FileNotFoundError:
-        return b""
+        return []
+    decoder = EventDecoder()
+    distinct: dict[Event | BadLine, None] = {}
+    with spooled:
+        while chunk := spooled.read(CHUNK):
+            distinct.update(dict.fromkeys(decoder.feed(chunk)))
+    distinct.update(dict.fromkeys(decoder.close()))
     aside.unlink()
-    return data
+    return list(distinct)

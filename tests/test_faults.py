@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import signal
 import socket
@@ -386,3 +387,88 @@ async def test_a_registration_that_cannot_be_stored_gets_no(test_pki, tmp_path, 
                 store.close()
             await deliver_async(stack, "bob")
             assert (await stack.standin.next_request()).path == f"/3/device/{BOB}"
+
+
+@contextlib.contextmanager
+def registrations_in(url: str, directory: Path) -> Iterator[None]:
+    """The registrations table and its indexes in a tablespace in `directory` (a
+    disk of its own), as a site with a separate volume for its database has them."""
+    postgres = pwd.getpwnam("postgres")
+    os.chown(directory, postgres.pw_uid, postgres.pw_gid)
+    with psycopg.connect(url, autocommit=True) as db:
+        indexes = [
+            row[0]
+            for row in db.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'registrations'"
+            )
+        ]
+
+        def move_to(tablespace: str) -> None:
+            db.execute(f"ALTER TABLE registrations SET TABLESPACE {tablespace}")
+            for index in indexes:
+                db.execute(f'ALTER INDEX "{index}" SET TABLESPACE {tablespace}')
+
+        db.execute(f"CREATE TABLESPACE small_disk LOCATION '{directory}'")
+        try:
+            move_to("small_disk")
+            yield
+        finally:
+            move_to("pg_default")
+            db.execute("DROP TABLESPACE small_disk")
+
+
+def postgres_problems(url: str) -> list[str]:
+    """What amcheck finds wrong in the registrations table and its indexes."""
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+        problems = [str(row) for row in db.execute("SELECT * FROM verify_heapam('registrations')")]
+        for (index,) in db.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'registrations'"
+        ).fetchall():
+            # Raises on a damaged index.
+            db.execute("SELECT bt_index_check(%s::regclass, true)", (index,))
+        return problems
+
+
+async def test_postgresql_disk_full_answers_no_and_keeps_what_it_acknowledged(
+    test_pki, postgres_server, postgres_url
+):
+    # Where the postgres user can reach it (not under root's pytest directory).
+    with small_filesystem(postgres_server.root / "small-disk") as disk:
+        async with run_stack(test_pki, {"database": postgres_url}, version=None) as stack:
+            assert await register(stack, "alice", ALICE) == "OK"
+            with registrations_in(postgres_url, disk):
+                filler = fill(disk)
+                try:
+                    # PostgreSQL writes a row into room left in the table's last page
+                    # (and its WAL, on another disk): those registrations are stored.
+                    # The one that needs a new page meets the full disk.
+                    phone = await stack.iphone("bob")
+                    acknowledged = []
+                    for n in range(500):
+                        token = f"{n:064x}"
+                        reply = await phone.xapplepushservice(f"ACC-{n}", token, ["INBOX"])
+                        if not reply.ok:
+                            break
+                        acknowledged.append(token)
+                    # The iPhone is told NO (it retries later), and the session goes on.
+                    assert reply.status == "NO", reply
+                    assert (await phone.command("NOOP")).ok
+                    await phone.logout()
+                    assert "No space left on device" in stack.service.log_text()
+                finally:
+                    os.unlink(filler)
+                assert stack.service.process.returncode is None
+                # Space again: the iPhone's retry goes through.
+                phone = await stack.iphone("bob")
+                assert (await phone.xapplepushservice(f"ACC-{n}", token, ["INBOX"])).ok
+                await phone.logout()
+                store = open_store(postgres_url)
+                try:
+                    stored = {d.device_token for d in store.devices()}
+                finally:
+                    store.close()
+                assert stored == {ALICE, token, *acknowledged}
+                assert postgres_problems(postgres_url) == []
+                await deliver_async(stack, "alice")
+                assert (await stack.standin.next_request()).path == f"/3/device/{ALICE}"

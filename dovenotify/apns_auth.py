@@ -96,7 +96,15 @@ def reload_auth(config_path: Path, current: Auth) -> tuple[ApnsConfig, Auth] | N
 
 
 def open_sender(apns: ApnsConfig, auth: Auth) -> ApnsSender:
-    return ApnsSender(
+    """A sender for these settings; its connection runs in `async with sender:`."""
+    sender = ApnsSender(None)
+    configure_sender(sender, apns, auth)
+    return sender
+
+
+def configure_sender(sender: ApnsSender, apns: ApnsConfig, auth: Auth) -> None:
+    """Point `sender` at what `apns` and `auth` say (at start, and on reload)."""
+    sender.configure(
         auth.credentials,
         token=auth.token,
         endpoint=apns.endpoint,

@@ -1,8 +1,8 @@
 """Logging for `dovenotify serve`: text for people, or one JSON object per line.
 
 Device tokens never appear in full: dovenotify's own messages shorten them
-(relay.short_token), and httpx, which logs every request URL at INFO with the
-token in it, is held to warnings.
+(relay.short_token), and the HTTP/2 libraries, whose debug lines carry request
+headers, are held to warnings.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from typing import TextIO
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-# Libraries whose INFO/DEBUG lines are per request (and carry tokens in URLs).
-QUIET_LIBRARIES = ("httpx", "httpcore", "h2", "hpack")
+# Libraries whose INFO/DEBUG lines are per request (and carry tokens in paths).
+QUIET_LIBRARIES = ("h2", "hpack")
 
 
 class JsonFormatter(logging.Formatter):

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from . import apns, relay, spool
-from .apns_auth import Auth, expiry_warning, load_auth, open_sender, reload_auth
+from .apns_auth import Auth, configure_sender, expiry_warning, load_auth, open_sender, reload_auth
 from .apns_sender import ApnsSender
 from .config import Config
 from .dispatch import Dispatcher
@@ -317,7 +317,8 @@ class Service:
         if reloaded is None:
             return
         apns_config, auth = reloaded
-        old, self.sender = self.sender, open_sender(apns_config, auth)
+        # The connection in use takes no new pushes; those in flight finish there.
+        configure_sender(self.sender, apns_config, auth)
         self.auth = auth
         self.config = attrs.evolve(self.config, apns=apns_config)
         self._expiry_warned = None
@@ -325,8 +326,6 @@ class Service:
         self.gate.reopen()
         self._wakeup.set()
         log.info("reloaded: now using %s", auth.describe())
-        # Pushes still in flight on the old connection come back as retries.
-        await old.aclose()
 
     def check_expiry(self) -> None:
         credentials = self.auth.credentials
@@ -481,7 +480,8 @@ async def serve(config: Config) -> None:
             e.strerror,
         )
     try:
-        async with trio.open_nursery() as nursery:
+        # The sender's connection runs in its own nursery, closed after this one.
+        async with service.sender, trio.open_nursery() as nursery:
             nursery.start_soon(service.serve_events, events)
             if the_relay is not None:
                 nursery.start_soon(the_relay.serve, relayed)
@@ -507,7 +507,6 @@ async def serve(config: Config) -> None:
                     break
             await service.drain()
             nursery.cancel_scope.cancel()
-        await service.sender.aclose()
     finally:
         for path in sockets:
             remove_socket(path, bound[path])

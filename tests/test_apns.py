@@ -21,6 +21,7 @@ from dovenotify.apns_sender import ApnsSender
 from dovenotify.certificates import load_credentials
 from tests.harness.apns_standin import HANG, Answer, ApnsStandin, run_apns_standin
 from tests.harness.certs import Pki
+from tests.harness.dovecot import free_ports
 
 TOKEN = "00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0"  # made up
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"  # the example from the docs
@@ -202,13 +203,17 @@ async def test_standin_gone_mid_request_is_a_retry_not_an_exception(test_pki: Pk
 
 async def test_connection_closed_while_idle_is_replaced(test_pki: Pki) -> None:
     # The server drops the idle connection (here: APNs restarts); the next push must not
-    # be lost to the dead connection httpx still holds.
-    async with run_apns_standin(test_pki) as first:
-        sender = _sender(test_pki, first)
-        assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
-    async with sender, run_apns_standin(test_pki, port=first.port) as second:
-        assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
-        assert len(second.requests) == 1
+    # be lost to the dead connection.
+    (port,) = free_ports(1)
+    credentials = load_credentials(test_pki.client.combined_pem)
+    url = f"https://127.0.0.1:{port}"
+    async with ApnsSender(credentials, endpoint=url, ca_file=test_pki.ca_file) as sender:
+        async with run_apns_standin(test_pki, port=port) as first:
+            assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+        async with run_apns_standin(test_pki, port=port) as second:
+            assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+            assert len(second.requests) == 1
+    assert len(first.requests) == 1
 
 
 async def test_no_server_is_a_retry(test_pki: Pki) -> None:

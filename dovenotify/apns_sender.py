@@ -365,10 +365,7 @@ class _Connection:
                     nursery.start_soon(self._watch)
         finally:
             reason = self._reason or "the connection ended"
-            if self._protocol.goaway_reason:
-                log.debug(
-                    "APNs connection ended after %s: %s", self._protocol.goaway_reason, reason
-                )
+            log.debug("APNs connection closed: %s", reason)
             self._deliver(self._protocol.lost(reason))
 
     async def _guard(self, task: Callable[[], Awaitable[None]], kind: str) -> None:

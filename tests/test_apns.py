@@ -1,6 +1,7 @@
 import json
 import ssl
 import sys
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from dovenotify.certificates import load_credentials
 from tests.harness.apns_standin import HANG, Answer, ApnsStandin, run_apns_standin
 from tests.harness.certs import Pki
 from tests.harness.dovecot import free_ports
+from tests.harness.tcp_proxy import run_tcp_proxy
 
 TOKEN = "00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0"  # made up
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"  # the example from the docs
@@ -257,6 +259,95 @@ async def test_in_flight_requests_are_bounded(test_pki: Pki, apns_standin: ApnsS
             assert len(apns_standin.requests) == 8
             gate.set()
     assert [o.action for o in outcomes] == [Action.DELIVERED] * 20
+
+
+async def test_the_servers_stream_limit_is_respected(test_pki: Pki) -> None:
+    gate = trio.Event()
+
+    async def held(_request: object) -> Answer:
+        await gate.wait()
+        return Answer(200)
+
+    outcomes: list[Outcome] = []
+    async with (
+        run_apns_standin(test_pki, responder=held, max_concurrent_streams=4) as standin,
+        _sender(test_pki, standin, max_in_flight=16) as sender,
+    ):
+
+        async def send() -> None:
+            outcomes.append(await sender.send(_push(test_pki)))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(send)
+            for _ in range(4):
+                await standin.next_request()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            # Four open streams, as the server's SETTINGS allow, though 16 would be ours.
+            assert len(standin.requests) == 4
+            gate.set()
+    assert [o.action for o in outcomes] == [Action.DELIVERED] * 20
+    assert len({r.client for r in standin.requests}) == 1
+
+
+async def test_goaway_with_requests_in_flight_pushes_each_device_exactly_once(
+    test_pki: Pki,
+) -> None:
+    tokens = [f"{n:02x}" * 32 for n in range(12)]
+    everyone = trio.Event()
+
+    async def held(_request: object) -> Answer:
+        # Nothing is answered before every device's push has reached the stand-in:
+        # each GOAWAY comes with requests in flight on both sides of its last id.
+        if {r.path for r in standin.requests} == {f"/3/device/{t}" for t in tokens}:
+            everyone.set()
+        await everyone.wait()
+        return Answer(200)
+
+    outcomes: list[Outcome] = []
+    # GOAWAY on a connection's fifth request, whose stream is its last stream id.
+    async with (
+        run_apns_standin(test_pki, responder=held, keep_alive_max_requests=4) as standin,
+        _sender(test_pki, standin) as sender,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def send(token: str) -> None:
+            outcomes.append(await sender.send(Push(token, test_pki.client.topic, ACCOUNT)))
+
+        for token in tokens:
+            nursery.start_soon(send, token)
+    assert [o.action for o in outcomes] == [Action.DELIVERED] * len(tokens)
+    # Counted where they arrive: the five up to each GOAWAY's last stream id were
+    # answered there, the rest went again on the next connection. None twice.
+    pushed = Counter(r.path.rsplit("/", 1)[1] for r in standin.requests)
+    assert pushed == {token: 1 for token in tokens}
+    assert Counter(Counter(r.client for r in standin.requests).values()) == {5: 2, 2: 1}
+
+
+async def test_idle_ping_replaces_a_black_holed_connection_before_the_next_push(
+    test_pki: Pki, apns_standin: ApnsStandin
+) -> None:
+    credentials = load_credentials(test_pki.client.combined_pem)
+    async with run_tcp_proxy(apns_standin.port) as proxy:
+        url = f"https://127.0.0.1:{proxy.port}"
+        async with ApnsSender(
+            credentials, endpoint=url, ca_file=test_pki.ca_file, timeout=1.0, idle_ping=0.2
+        ) as sender:
+            assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+            # The path dies silently while the connection is idle.
+            proxy.black_hole()
+            # Unanswered, the PING after 0.2 s idle makes the sender drop it.
+            with trio.fail_after(5):
+                await proxy.dropped.wait()
+            started = trio.current_time()
+            outcome = await sender.send(_push(test_pki))
+            took = trio.current_time() - started
+    assert outcome.action is Action.DELIVERED
+    # Straight onto a new connection, not after waiting out the 1 s timeout.
+    assert took < 1.0
+    assert proxy.accepted == 2
+    assert len({r.client for r in apns_standin.requests}) == 2
 
 
 @pytest.mark.parametrize("who", ["no certificate", "certificate from another issuer"])

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import h2.connection
 import h2.events
 import pytest
 import trio
@@ -31,33 +32,85 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypercorn.config import Config
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio import serve
+from hyperframe.frame import GoAwayFrame
 
 from dovenotify.apns_token import verify_token
 from tests.harness.certs import Pki
 
 
-def _survive_clients_dying_mid_request() -> None:
-    """hypercorn 0.18 looks up a stream that a client's sudden death closed meanwhile.
+class _GoawayAsApnsSendsIt(h2.connection.H2Connection):
+    """GOAWAY that lets the streams up to its last stream id finish.
 
-    When a client dies (kill -9) with a request's HEADERS and DATA still unread,
-    hypercorn closes the streams while handling the HEADERS, then fails on the DATA
-    with KeyError, which stops the whole server rather than that connection. APNs
-    does not do that; the stand-in must not either. Events for streams that are
+    h2 closes the whole connection when it sends GOAWAY, so hypercorn could not
+    answer the requests it had accepted, and the client would see them lost. APNs
+    answers them; requests on later streams are never processed (RFC 9113 §6.8):
+    the stand-in ignores them (`_handle_events` below).
+    """
+
+    goaway_last_stream_id: int | None = None
+    # The request being handled: the last one accepted when it triggers GOAWAY
+    # (h2's highest_inbound_stream_id already counts every request read with it).
+    handling_stream_id = 0
+
+    def close_connection(
+        self,
+        error_code: int = 0,
+        additional_data: bytes | None = None,
+        last_stream_id: int | None = None,
+    ) -> None:
+        if self.goaway_last_stream_id is not None:
+            return
+        if last_stream_id is None:
+            last_stream_id = self.handling_stream_id or self.highest_inbound_stream_id
+        self.goaway_last_stream_id = last_stream_id
+        frame = GoAwayFrame(
+            stream_id=0,
+            last_stream_id=last_stream_id,
+            error_code=error_code,
+            additional_data=additional_data or b"",
+        )
+        self._prepare_for_sending([frame])
+
+
+def _patch_hypercorn() -> None:
+    """hypercorn 0.18, made to behave like APNs where it matters to the sender.
+
+    GOAWAY: see `_GoawayAsApnsSendsIt`; events for streams above its last stream
+    id are dropped. And clients dying mid-request: when a client dies (kill -9)
+    with a request's HEADERS and DATA still unread, hypercorn closes the streams
+    while handling the HEADERS, then fails on the DATA with KeyError, which stops
+    the whole server rather than that connection. Events for streams that are
     gone are dropped, one event at a time, so each is checked when its turn comes.
     """
+    init = H2Protocol.__init__
     handle = H2Protocol._handle_events
-    for_a_stream = (h2.events.DataReceived, h2.events.StreamEnded)
+    for_a_stream = (h2.events.RequestReceived, h2.events.DataReceived, h2.events.StreamEnded)
+
+    def __init__(self: H2Protocol, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.connection.__class__ = _GoawayAsApnsSendsIt
 
     async def handle_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
         for event in events:
-            if isinstance(event, for_a_stream) and event.stream_id not in self.streams:
-                continue
+            if isinstance(event, for_a_stream):
+                last = self.connection.goaway_last_stream_id
+                if last is not None and event.stream_id > last:
+                    if isinstance(event, h2.events.DataReceived):
+                        self.connection.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    continue
+                if isinstance(event, h2.events.RequestReceived):
+                    self.connection.handling_stream_id = event.stream_id
+                elif event.stream_id not in self.streams:
+                    continue
             await handle(self, [event])
 
+    H2Protocol.__init__ = __init__  # type: ignore[method-assign]
     H2Protocol._handle_events = handle_events  # type: ignore[method-assign]
 
 
-_survive_clients_dying_mid_request()
+_patch_hypercorn()
 
 
 @attrs.frozen
@@ -208,13 +261,16 @@ async def run_apns_standin(
     responder: Responder = _delivered,
     keep_alive_timeout: float = 5,
     keep_alive_max_requests: int = 1000,
+    max_concurrent_streams: int = 100,
     port: int = 0,
     token_key: ec.EllipticCurvePublicKey | None = None,
 ) -> AsyncIterator[ApnsStandin]:
     """Serve the stand-in until the block ends; answers come from `answers`, then `responder`.
 
     `port` 0 picks a free one; give a previous stand-in's port to play a restarted APNs.
-    After `keep_alive_max_requests` requests on a connection it sends GOAWAY. With
+    After `keep_alive_max_requests` requests on a connection it sends GOAWAY, as
+    APNs does: the requests it has accepted are answered, later ones ignored. It
+    allows `max_concurrent_streams` per connection (its SETTINGS say so). With
     `token_key` it wants token authentication instead of a client certificate.
     """
     config = _StandinConfig()
@@ -226,6 +282,7 @@ async def run_apns_standin(
         config.verify_mode = ssl.VerifyMode.CERT_REQUIRED
     config.keep_alive_timeout = keep_alive_timeout
     config.keep_alive_max_requests = keep_alive_max_requests
+    config.h2_max_concurrent_streams = max_concurrent_streams
     config.graceful_timeout = 1
     # To pytest's log capture rather than stderr: some tests fail handshakes on purpose.
     config.errorlog = logging.getLogger("tests.apns_standin")

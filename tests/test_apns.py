@@ -350,6 +350,29 @@ async def test_idle_ping_replaces_a_black_holed_connection_before_the_next_push(
     assert len({r.client for r in apns_standin.requests}) == 2
 
 
+async def test_a_connection_hung_as_a_whole_is_replaced(
+    test_pki: Pki, apns_standin: ApnsStandin
+) -> None:
+    credentials = load_credentials(test_pki.client.combined_pem)
+    async with run_tcp_proxy(apns_standin.port) as proxy:
+        url = f"https://127.0.0.1:{proxy.port}"
+        async with ApnsSender(
+            credentials, endpoint=url, ca_file=test_pki.ca_file, timeout=0.5
+        ) as sender:
+            assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+            proxy.black_hole()
+            hung = await sender.send(_push(test_pki))
+            # The timed-out stream is followed by a PING; unanswered, it ends the
+            # connection, so the next push does not wait on it too.
+            with trio.fail_after(5):
+                await proxy.dropped.wait()
+            after = await sender.send(_push(test_pki))
+    assert (hung.action, hung.status) == (Action.RETRY, None)
+    assert hung.reason.startswith("ReadTimeout")
+    assert after.action is Action.DELIVERED
+    assert proxy.accepted == 2
+
+
 @pytest.mark.parametrize("who", ["no certificate", "certificate from another issuer"])
 async def test_standin_refuses_clients_without_a_trusted_certificate(
     test_pki: Pki, apns_standin: ApnsStandin, who: str

@@ -4,9 +4,12 @@ The sink is Debian's `nghttpd`, twice on the same files: one instance requires a
 client certificate (mutual TLS, as APNs does), the other does not, because the
 reference load generator `h2load` cannot present one. dovenotify's sender runs
 against both; h2load (one connection, as many concurrent streams as dovenotify
-allows) gives the ceiling of this machine. Every figure comes from this run.
+allows) gives the ceiling of this machine. A bare h2 client on trio, doing
+nothing but the HTTP/2 frames, shows what the same Python stack can do at best.
+Each figure is the median of `--runs` rounds; a ratio is the median of each
+round's ratio, both sides measured in that round.
 
-    python -m scripts.bench_sender [--seconds 5]
+    python -m scripts.bench_sender [--seconds 5] [--runs 3]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import contextlib
 import re
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -89,13 +93,13 @@ async def run_sender(pki: Pki, url: str, seconds: float) -> tuple[float, int, in
 
 
 async def run_bare_h2(pki: Pki, url: str, seconds: float) -> float:
-    """Pushes/s from plain h2 on one trio TLS stream, without httpx/httpcore.
+    """Pushes/s from plain h2 on one trio TLS stream.
 
     Not dovenotify's sender: a measurement of what the same Python stack (trio,
-    ssl, h2) can do when each request costs only its HTTP/2 frames, to tell how
-    much of the gap to h2load the HTTP client layer accounts for. One reader task
-    hands answers to the waiting requests; one writer task flushes whatever frames
-    have piled up in one TLS write.
+    ssl, h2) can do when each request costs only its HTTP/2 frames (no timeouts,
+    retries, stream limit or PING), to tell how much the sender's own work costs.
+    One reader task hands answers to the waiting requests; one writer task
+    flushes whatever frames have piled up in one TLS write.
     """
     credentials = load_credentials(pki.client.combined_pem, None, None)
     context = client_ssl_context(credentials, pki.ca_file)
@@ -196,7 +200,9 @@ def run_h2load(url: str, body: Path, requests: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0, help="per sender run")
+    parser.add_argument("--runs", type=int, default=3, help="rounds; medians are reported")
     args = parser.parse_args(argv)
+    rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="dovenotify-bench-sender-") as tmp:
         root = Path(tmp)
         pki = make_test_pki(root / "pki")
@@ -209,32 +215,63 @@ def main(argv: list[str] | None = None) -> None:
             nghttpd(pki, htdocs, verify_client=True) as mtls_url,
             nghttpd(pki, htdocs, verify_client=False) as tls_url,
         ):
-            mtls, mtls_ok, mtls_failed = trio.run(run_sender, pki, mtls_url, args.seconds)
-            tls, tls_ok, tls_failed = trio.run(run_sender, pki, tls_url, args.seconds)
-            bare = trio.run(run_bare_h2, pki, mtls_url, args.seconds)
-            ceiling = run_h2load(tls_url, body, max(20000, int(tls * args.seconds * 4)))
+            for _ in range(args.runs):
+                mtls, mtls_ok, mtls_failed = trio.run(run_sender, pki, mtls_url, args.seconds)
+                tls, tls_ok, tls_failed = trio.run(run_sender, pki, tls_url, args.seconds)
+                bare = trio.run(run_bare_h2, pki, mtls_url, args.seconds)
+                ceiling = run_h2load(tls_url, body, max(20000, int(tls * args.seconds * 4)))
+                rounds.append(
+                    {
+                        "mtls": mtls,
+                        "tls": tls,
+                        "bare": bare,
+                        "ceiling": ceiling,
+                        "failed": mtls_failed + tls_failed,
+                        "ok": mtls_ok + tls_ok,
+                        "of_ceiling": tls / ceiling,
+                        "of_bare": mtls / bare,
+                    }
+                )
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    def each(key: str, form: str = ",.0f") -> str:
+        return "runs: " + " / ".join(f"{r[key]:{form}}" for r in rounds)
+
+    mtls = median("mtls")
+    failed = sum(r["failed"] for r in rounds)
     print_table(
         "Sender throughput (one process, one HTTP/2 connection,"
-        f" {DEFAULT_MAX_IN_FLIGHT} streams in flight)",
+        f" {DEFAULT_MAX_IN_FLIGHT} streams in flight; medians of {args.runs} runs)",
         [
-            (
-                "dovenotify → nghttpd, mutual TLS",
-                f"{mtls:,.0f} pushes/s",
-                f"{mtls_ok} ok, {mtls_failed} failed",
-            ),
+            ("dovenotify → nghttpd, mutual TLS", f"{mtls:,.0f} pushes/s", each("mtls")),
             (
                 "dovenotify → nghttpd, server TLS only",
-                f"{tls:,.0f} pushes/s",
-                f"{tls_ok} ok, {tls_failed} failed",
+                f"{median('tls'):,.0f} pushes/s",
+                each("tls"),
             ),
             (
                 "bare h2 on trio → nghttpd, mutual TLS",
-                f"{bare:,.0f} pushes/s",
-                "no httpx/httpcore (measurement only)",
+                f"{median('bare'):,.0f} pushes/s",
+                each("bare") + " (measurement only)",
             ),
-            ("h2load → nghttpd, server TLS only (ceiling)", f"{ceiling:,.0f} req/s", ""),
-            ("ratio dovenotify / h2load", f"{tls / ceiling:.3f}", ""),
-            ("ratio dovenotify / bare h2 (both mutual TLS)", f"{mtls / bare:.2f}", ""),
+            (
+                "h2load → nghttpd, server TLS only (ceiling)",
+                f"{median('ceiling'):,.0f} req/s",
+                each("ceiling"),
+            ),
+            ("ratio dovenotify / h2load", f"{median('of_ceiling'):.3f}", each("of_ceiling", ".3f")),
+            (
+                "ratio dovenotify / bare h2 (both mutual TLS)",
+                f"{median('of_bare'):.2f}",
+                each("of_bare", ".2f"),
+            ),
+            (
+                "pushes not delivered",
+                f"{failed:,.0f}",
+                f"of {sum(r['ok'] for r in rounds) + failed:,.0f}",
+            ),
             ("target", "≥ 5,000 pushes/s", "met" if mtls >= 5000 else "NOT met"),
         ],
     )

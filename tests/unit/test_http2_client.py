@@ -6,12 +6,15 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.exceptions
 import h2.settings
 import hpack
 import pytest
 from hyperframe.frame import DataFrame, HeadersFrame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from dovenotify.http2_client import Answered, ClientConnection, PingAcked, Unanswered
+from dovenotify.http2_client import MALFORMED, Answered, ClientConnection, PingAcked, Unanswered
 
 BODY = b'{"aps":{"account-id":"X"}}'
 
@@ -250,3 +253,45 @@ def test_ping() -> None:
     client, server = connected()
     client.ping()
     assert pump(client, server) == [PingAcked()]
+
+
+def test_an_answer_without_a_valid_status_is_unanswered() -> None:
+    client, server = connected()
+    client.submit("t", request(), BODY)
+    pump(client, server)
+    server.h2.send_headers(1, [(b":status", b"2xx")], end_stream=True)
+    assert pump(client, server) == [Unanswered("t", MALFORMED, processed=True)]
+
+
+_frames = st.lists(
+    st.tuples(
+        st.integers(0, 10),  # DATA … CONTINUATION, and one type h2 does not know
+        st.integers(0, 255),  # flags
+        st.sampled_from([0, 1, 3, 5, 2**31 - 1]),  # connection, open streams, far away
+        st.binary(max_size=40),
+    ),
+    max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_frames)
+def test_whatever_apns_sends_is_an_event_or_a_protocol_error(
+    frames: list[tuple[int, int, int, bytes]],
+) -> None:
+    # A rude server must end its connection, never the sender: the only exception
+    # is h2's, which the sender's reader treats as a broken connection.
+    client, server = connected()
+    for ticket in range(3):
+        client.submit(ticket, request(), BODY)
+    pump(client, server)
+    data = b"".join(
+        len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+        for kind, flags, stream, payload in frames
+    )
+    try:
+        events = client.receive(data)
+    except h2.exceptions.ProtocolError:
+        return
+    assert all(isinstance(e, Answered | Unanswered | PingAcked) for e in events)
+    client.data_to_send()

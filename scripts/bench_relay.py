@@ -4,13 +4,17 @@ Two Dovecots of the host's version side by side: one with dovenotify's snippet
 and `dovenotify serve` (every session goes through the helper and the relay),
 one plain. The same figures are taken from both with the same blocking client:
 
-- FETCH of a 50 MB message, over plain IMAP and over TLS (MB/s, median of runs);
+- FETCH of a 50 MB message, over plain IMAP and over TLS (MB/s, median of runs
+  after one unmeasured warm-up FETCH per session), and the CPU time each FETCH
+  costs Dovecot (imap, imap-login), the relay and this client: with two cores shared
+  by all three, the throughput ratio follows the CPU ratio as soon as anything
+  else runs, so the CPU figures say what the ratio alone cannot;
 - NOOP round trips on an open session (median; the relay's added latency);
 - LOGIN → tagged OK (median; what the post-login helper adds to a login);
 - the relay's memory per idle connection, with thousands handed to it at once
   the way the helper does (a Dovecot per connection would measure Dovecot).
 
-    python -m scripts.bench_relay [--fetch-mb 50] [--fetch-runs 3] [--noops 2000]
+    python -m scripts.bench_relay [--fetch-mb 50] [--fetch-runs 15] [--noops 2000]
                                   [--logins 30] [--connections 5000]
 """
 
@@ -30,6 +34,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 
 from scripts.bench_table import print_table
@@ -133,6 +138,60 @@ def fetch_seconds(session: Session) -> float:
     return elapsed
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time used so far by all threads of these processes (ns-exact, unlike /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
+def dovecot_pids(dovecot: Dovecot) -> list[int]:
+    """Dovecot's processes: imap, and imap-login, which does the TLS."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == dovecot.pid:
+                pids.append(int(entry.name))
+    return pids
+
+
+@attrs.define
+class CpuMeter:
+    """Times a FETCH and keeps what it cost each side: Dovecot, relay (if any), client."""
+
+    session: Session
+    dovecot: list[int]
+    relay: list[int]
+    costs: list[tuple[float, float, float]] = attrs.Factory(list)
+
+    def fetch(self) -> float:
+        dovecot, relay = cpu_seconds(self.dovecot), cpu_seconds(self.relay)
+        client = time.thread_time()
+        elapsed = fetch_seconds(self.session)
+        self.costs.append(
+            (
+                cpu_seconds(self.dovecot) - dovecot,
+                cpu_seconds(self.relay) - relay,
+                time.thread_time() - client,
+            )
+        )
+        return elapsed
+
+    def median_ms(self, which: int) -> float:
+        return statistics.median(cost[which] for cost in self.costs) * 1000
+
+    def summary(self) -> str:
+        relay = f" + relay {self.median_ms(1):.1f}" if self.relay else ""
+        return f"Dovecot {self.median_ms(0):.1f}{relay} + client {self.median_ms(2):.1f} ms"
+
+    def server_ms(self) -> float:
+        return statistics.median(cost[0] + cost[1] for cost in self.costs) * 1000
+
+
 def noop_seconds(session: Session) -> float:
     started = time.perf_counter()
     session.command("NOOP")
@@ -218,12 +277,20 @@ async def measure(args: argparse.Namespace) -> None:
                 for d in (relayed, direct):
                     await append(d, data)
 
+                relay_pid = (stack.relay or stack.service).process.pid
+
                 def compare() -> None:
                     for tls in (False, True):
                         sessions = [open_session(d, tls) for d in (direct, relayed)]
-                        d_s, r_s = alternate(
-                            *(partial(fetch_seconds, s) for s in sessions), args.fetch_runs
-                        )
+                        meters = [
+                            CpuMeter(sessions[0], dovecot_pids(direct), []),
+                            CpuMeter(sessions[1], dovecot_pids(relayed), [relay_pid]),
+                        ]
+                        # The first FETCH of a session also grows socket buffers and
+                        # warms caches, on both sides alike: steady state is measured.
+                        for session in sessions:
+                            fetch_seconds(session)
+                        d_s, r_s = alternate(*(m.fetch for m in meters), args.fetch_runs)
                         for session in sessions:
                             session.close()
                         mode = "TLS" if tls else "plain"
@@ -236,6 +303,16 @@ async def measure(args: argparse.Namespace) -> None:
                                 f"FETCH {mode} relayed/direct",
                                 f"{ratio:.2f}",
                                 ratio_note(ratio, TARGET_THROUGHPUT_RATIO, True),
+                            )
+                        )
+                        for side, meter in zip(("direct", "relayed"), meters, strict=True):
+                            rows.append((f"{name}, {side}: CPU per FETCH", meter.summary(), ""))
+                        cpu_ratio = meters[0].server_ms() / meters[1].server_ms()
+                        rows.append(
+                            (
+                                f"FETCH {mode} server CPU (Dovecot + relay) direct/relayed",
+                                f"{cpu_ratio:.2f}",
+                                "what the ratio tends to when the CPUs are busy",
                             )
                         )
 
@@ -294,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--fetch-mb", type=float, default=50.0, help="size of the fetched message")
-    parser.add_argument("--fetch-runs", type=int, default=7, help="FETCHes per side and mode")
+    parser.add_argument("--fetch-runs", type=int, default=15, help="FETCHes per side and mode")
     parser.add_argument("--noops", type=int, default=2000, help="NOOP round trips per side")
     parser.add_argument("--logins", type=int, default=30, help="logins per side")
     parser.add_argument(

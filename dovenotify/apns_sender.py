@@ -202,12 +202,19 @@ class ApnsSender:
 
     async def _connection(self) -> _Connection:
         """The connection to send on: the open one, or a new one (shared by all who wait)."""
-        for _ in range(2):
+        opened = 0
+        while True:
             current = self._current
             if current is not None and not current.closing:
                 return current
             if self._closed:
                 raise _Unreachable(transport_failure("ConnectError: the APNs sender is closed"))
+            if opened == 2:
+                # New connections that went at once: not worth hammering on.
+                raise _Unreachable(
+                    transport_failure("ConnectError: APNs closed each new connection")
+                )
+            opened += 1
             self._current = None
             attempt = self._attempt
             if attempt is None:
@@ -217,8 +224,6 @@ class ApnsSender:
             await attempt.done.wait()
             if attempt.failure is not None:
                 raise _Unreachable(attempt.failure)
-        # A new connection that went at once: not worth hammering on.
-        raise _Unreachable(transport_failure("ConnectError: APNs closed each new connection"))
 
     async def _connect_and_serve(self, attempt: _Attempt) -> None:
         try:

@@ -20,7 +20,13 @@ from dovenotify.apns import (
 )
 from dovenotify.apns_sender import ApnsSender
 from dovenotify.certificates import load_credentials
-from tests.harness.apns_standin import HANG, Answer, ApnsStandin, run_apns_standin
+from tests.harness.apns_standin import (
+    HANG,
+    Answer,
+    ApnsStandin,
+    RecordedRequest,
+    run_apns_standin,
+)
 from tests.harness.certs import Pki
 from tests.harness.dovecot import free_ports
 from tests.harness.tcp_proxy import run_tcp_proxy
@@ -371,6 +377,40 @@ async def test_a_connection_hung_as_a_whole_is_replaced(
     assert hung.reason.startswith("ReadTimeout")
     assert after.action is Action.DELIVERED
     assert proxy.accepted == 2
+
+
+async def test_new_credentials_take_over_while_pushes_in_flight_finish(
+    test_pki: Pki, apns_standin: ApnsStandin
+) -> None:
+    gate = trio.Event()
+
+    async def first_held(request: RecordedRequest) -> Answer:
+        if len(apns_standin.requests) == 1:
+            await gate.wait()
+        return Answer(200)
+
+    apns_standin.responder = first_held
+    renewed = load_credentials(test_pki.client_renewed.combined_pem)
+    outcomes: list[Outcome] = []
+    async with _sender(test_pki, apns_standin) as sender, trio.open_nursery() as nursery:
+
+        async def send() -> None:
+            outcomes.append(await sender.send(_push(test_pki)))
+
+        nursery.start_soon(send)
+        await apns_standin.next_request()
+        # A reload: the connection in use takes no new pushes...
+        sender.configure(renewed, endpoint=apns_standin.url, ca_file=test_pki.ca_file)
+        assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+        # ... and the push in flight on it is answered there.
+        gate.set()
+    assert [o.action for o in outcomes] == [Action.DELIVERED]
+    first, second = apns_standin.requests
+    assert first.client != second.client
+    assert apns_standin.peer_certificates == [
+        load_credentials(test_pki.client.combined_pem).certificate,
+        renewed.certificate,
+    ]
 
 
 @pytest.mark.parametrize("who", ["no certificate", "certificate from another issuer"])

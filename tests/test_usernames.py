@@ -9,12 +9,15 @@ userdb); `username_format` then maps every spelling to one key, which is what
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 
+import pytest
 import trio
 
-from tests.harness.dovecot import deliver
+from tests.harness.dovecot import DEFAULT_USERS, deliver
+from tests.harness.imap_client import ImapClient
 from tests.harness.service import dovenotify_command
 from tests.harness.stack import Stack, run_stack
 
@@ -71,3 +74,71 @@ async def test_localpart_maps_logins_and_addresses_together(test_pki, dovecot_ve
             sock.sendall(b"MessageNew\tAlice@Example.org\tINBOX\tlmtp\n")
         request = await s.standin.next_request()
         assert request.path.endswith(token(1))
+
+
+# One mailbox, two names: the iPhone logs in as `alice`, mail arrives over LMTP
+# for `Alice@Example.org`. Both names are in the passwd-file (the address's home
+# is alice's), and auth_username_format keeps the case (Dovecot's default, %Lu on
+# 2.3 and %{user|lower} on 2.4, would lower-case the address before dovenotify
+# sees it), so LMTP reports the user as `Alice@Example.org`.
+ADDRESS = "Alice@Example.org"
+KEEP_CASE = {"2.3": "auth_username_format = %u\n", "2.4": "auth_username_format = %{user}\n"}
+
+
+async def inbox_messages(client: ImapClient) -> int:
+    reply = await client.command("STATUS INBOX (MESSAGES)")
+    [line] = reply.untagged_starting(b"STATUS")
+    return int(re.search(rb"MESSAGES (\d+)", line)[1])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"username_format": "localpart"}, "alice"),
+        ({"username_format": "full", "default_domain": "Example.org"}, "alice@example.org"),
+    ],
+)
+async def test_login_name_and_recipient_address_meet_through_dovecot(
+    test_pki, dovecot_version, overrides, key
+):
+    async with run_stack(
+        test_pki,
+        overrides,
+        version=dovecot_version,
+        dovecot_conf=KEEP_CASE[dovecot_version],
+        users={**DEFAULT_USERS, ADDRESS: "secret"},
+    ) as stack:
+        phone = await stack.iphone("alice")
+        # Creates alice's home, which the address's home then links to.
+        assert await inbox_messages(phone) == 0
+        (stack.dovecot.layout.homes / ADDRESS).symlink_to("alice")
+        assert (await phone.xapplepushservice(ACCOUNT, token(1), ["INBOX"])).ok
+        assert [d["username"] for d in devices(stack)] == [key]
+        await trio.to_thread.run_sync(deliver, stack.dovecot, ADDRESS, MESSAGE)
+        # LMTP named the user by the address, case kept.
+        await trio.to_thread.run_sync(stack.dovecot.wait_for_log, rf"lmtp\({re.escape(ADDRESS)}\)")
+        request = await stack.standin.next_request()
+        assert request.path.endswith(token(1))
+        # The push leads the phone to the message: one mailbox under both names.
+        assert await inbox_messages(phone) == 1
+        await phone.logout()
+
+
+async def test_without_username_format_login_and_address_stay_apart(test_pki, dovecot_version):
+    """The control for the test above: lower-casing alone keeps `alice` and
+    `alice@example.org` apart, so the delivery to the address pushes nobody."""
+    async with run_stack(
+        test_pki,
+        {"username_format": "lowercase"},
+        version=dovecot_version,
+        dovecot_conf=KEEP_CASE[dovecot_version],
+        users={**DEFAULT_USERS, ADDRESS: "secret"},
+    ) as stack:
+        await register(stack, "alice", 1)
+        await register(stack, "bob", 2)
+        await trio.to_thread.run_sync(deliver, stack.dovecot, ADDRESS, MESSAGE)
+        # Delivered later: once bob's push is out, alice's would have gone before it.
+        await trio.to_thread.run_sync(deliver, stack.dovecot, "bob", MESSAGE)
+        request = await stack.standin.next_request()
+        assert request.path.endswith(token(2))
+        assert sorted(d["username"] for d in devices(stack)) == ["alice", "bob"]

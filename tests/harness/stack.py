@@ -19,7 +19,14 @@ from dovenotify.cli import install_dovecot_files
 from dovenotify.dovecot_config import render
 from tests.harness.apns_standin import ApnsStandin, run_apns_standin
 from tests.harness.certs import Pki
-from tests.harness.dovecot import Dovecot, installation, make_root, start_dovecot, stop_later
+from tests.harness.dovecot import (
+    DEFAULT_USERS,
+    Dovecot,
+    installation,
+    make_root,
+    start_dovecot,
+    stop_later,
+)
 from tests.harness.imap_client import ImapClient
 from tests.harness.service import RunningService, run_service
 
@@ -94,13 +101,14 @@ async def run_stack(
     *,
     version: str | None,
     dovecot_conf: str = "",
+    users: Mapping[str, str] = DEFAULT_USERS,
     userdb_fields: Mapping[str, Mapping[str, str]] | None = None,
     **standin_options: Any,
 ) -> AsyncIterator[Stack]:
     """The whole stack on Dovecot `version`: pass the `dovecot_version` fixture, so the
     test runs on both versions (None, the host's, is for scripts). `dovecot_conf` is
-    added to Dovecot's configuration after dovenotify's snippet; `userdb_fields` as
-    for `start_dovecot`."""
+    added to Dovecot's configuration after dovenotify's snippet; `users` and
+    `userdb_fields` as for `start_dovecot`."""
     root = make_root("dovenotify-stack-")
     dovecot: Dovecot | None = None
     try:
@@ -117,6 +125,7 @@ async def run_stack(
                     root / "dovecot",
                     version=version,
                     extra_conf=snippet,
+                    users=users,
                     userdb_fields=userdb_fields,
                 )
             )

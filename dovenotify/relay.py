@@ -32,8 +32,10 @@ from .store import Registration
 log = logging.getLogger("dovenotify.relay")
 
 BUFFER = 256 * 1024
-# Literals at least this long go on by splice; shorter ones are not worth a pipe.
+# Literals at least this long bypass the scanner (spliced, or copied through a
+# buffer of COPY_BUFFER bytes); shorter ones are not worth a pipe or a buffer.
 SPLICE_MIN = 64 * 1024
+COPY_BUFFER = 1024 * 1024
 HANDSHAKE_LIMIT = 4096
 # Out of descriptors or memory: pause accepting for this long, then try again.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -140,7 +142,7 @@ class Relay:
                     nursery.start_soon(
                         self._to_server, handoff, client, server, scanner, nursery, tcp
                     )
-                    nursery.start_soon(self._to_client, server, client, scanner, nursery)
+                    nursery.start_soon(self._to_client, server, client, scanner, nursery, tcp)
         finally:
             self.connections -= 1
 
@@ -150,9 +152,15 @@ class Relay:
         client: trio.socket.SocketType,
         scanner: imapscan.ServerScanner,
         nursery: trio.Nursery,
+        tcp: bool,
     ) -> None:
         try:
-            inlet = _Inlet(server, client, scanner)
+            # Into a TCP socket, long literals are copied, not spliced. Copying
+            # costs the relay a little more CPU, but the client spends far less
+            # reading copied bytes (which TCP packs into its own large pages, as
+            # it does Dovecot's writes) than spliced ones: 50 MB FETCH, plain,
+            # relayed/direct went from 0.88 to 1.04 (0.80 to 0.89 under load).
+            inlet = _Inlet(server, client, scanner, splice=not tcp)
             while data := await inlet.receive():
                 for chunk in scanner.feed(data):
                     await zerocopy.send_all(client, chunk)
@@ -218,8 +226,9 @@ class Relay:
 
 @attrs.define
 class _Inlet:
-    """One direction's source of bytes for its scanner; long literals in between go
-    straight from `source` to `target` by splice, where the kernel can."""
+    """One direction's source of bytes for its scanner. Long literals in between go
+    from `source` to `target` without it: by splice if `splice` and the kernel can,
+    else copied through one buffer."""
 
     source: trio.socket.SocketType
     target: trio.socket.SocketType
@@ -229,25 +238,44 @@ class _Inlet:
 
     async def receive(self) -> bytes:
         """The next bytes for the scanner to look at; b"" when `source` has ended."""
-        while self.splice and self.scanner.opaque >= SPLICE_MIN:
-            try:
-                with contextlib.closing(zerocopy.Pipe()) as pipe:
-                    while self.scanner.opaque >= SPLICE_MIN:
-                        moved = await zerocopy.splice(
-                            self.source, self.target, self.scanner.opaque, pipe
-                        )
-                        if not moved:
-                            return b""
-                        self.scanner.bypassed(moved)
-                        _quickack(self.source, self.quickack)
-            except zerocopy.Unsupported as e:
-                # These sockets cannot splice: copy, as for everything else.
-                if e.moved:
-                    self.scanner.bypassed(e.moved)
-                self.splice = False
+        while self.scanner.opaque >= SPLICE_MIN:
+            if not await (self._splice() if self.splice else self._copy()):
+                return b""
         data = await self.source.recv(BUFFER)
         _quickack(self.source, self.quickack)
         return data
+
+    async def _splice(self) -> bool:
+        """Splice the long literal on; False when `source` ended first."""
+        try:
+            with contextlib.closing(zerocopy.Pipe()) as pipe:
+                while self.scanner.opaque >= SPLICE_MIN:
+                    moved = await zerocopy.splice(
+                        self.source, self.target, self.scanner.opaque, pipe
+                    )
+                    if not moved:
+                        return False
+                    self.scanner.bypassed(moved)
+                    _quickack(self.source, self.quickack)
+        except zerocopy.Unsupported as e:
+            # These sockets cannot splice: copy instead.
+            if e.moved:
+                self.scanner.bypassed(e.moved)
+            self.splice = False
+        return True
+
+    async def _copy(self) -> bool:
+        """Copy the long literal on; False when `source` ended first. The buffer
+        lives only as long as the literal: idle sessions must stay small."""
+        buffer = memoryview(bytearray(COPY_BUFFER))
+        while self.scanner.opaque >= SPLICE_MIN:
+            count = await self.source.recv_into(buffer, min(self.scanner.opaque, COPY_BUFFER))
+            if not count:
+                return False
+            self.scanner.bypassed(count)
+            _quickack(self.source, self.quickack)
+            await zerocopy.send_all(self.target, buffer[:count])
+        return True
 
 
 def _quickack(sock: trio.socket.SocketType, enabled: bool) -> None:

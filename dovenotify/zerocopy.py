@@ -1,7 +1,9 @@
 """Moving bytes from socket to socket inside the kernel (splice through a pipe), under trio.
 
-The relay uses it for the bulk of large literals (a 50 MB FETCH or APPEND): the
-bytes never enter Python, which leaves the CPU to Dovecot and the client.
+The relay uses it for the bulk of large literals (a 50 MB APPEND, or a FETCH by a
+TLS client, whose connection is a unix socket to imap-login): the bytes never
+enter Python, which leaves the CPU to Dovecot and the client. Into a TCP socket
+the relay copies instead (see relay._to_client).
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def big_message(size: int) -> bytes:
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
 async def test_50_mb_append_and_fetch_are_byte_exact(test_pki, dovecot_version, tls):
     # Over TLS the relay talks to imap-login through a unix socket; in plain IMAP
-    # it has the client's TCP socket itself. Both carry the literals by splice.
+    # it has the client's TCP socket itself. The literals go by splice, except
+    # the plain FETCH's, which is copied into the TCP socket.
     message = big_message(50 * 1024 * 1024 + 7)
     async with run_stack(test_pki, version=dovecot_version) as stack:
         if tls:

@@ -312,7 +312,7 @@ async def measure(args: argparse.Namespace) -> None:
                             (
                                 f"FETCH {mode} server CPU (Dovecot + relay) direct/relayed",
                                 f"{cpu_ratio:.2f}",
-                                "what the ratio tends to when the CPUs are busy",
+                                "the ratio on a server whose CPUs are saturated",
                             )
                         )
 

@@ -267,9 +267,9 @@ class _Inlet:
     async def _copy(self) -> bool:
         """Copy the long literal on; False when `source` ended first. The buffer
         lives only as long as the literal: idle sessions must stay small."""
-        buffer = memoryview(bytearray(COPY_BUFFER))
+        buffer = memoryview(bytearray(min(self.scanner.opaque, COPY_BUFFER)))
         while self.scanner.opaque >= SPLICE_MIN:
-            count = await self.source.recv_into(buffer, min(self.scanner.opaque, COPY_BUFFER))
+            count = await self.source.recv_into(buffer, min(self.scanner.opaque, len(buffer)))
             if not count:
                 return False
             self.scanner.bypassed(count)

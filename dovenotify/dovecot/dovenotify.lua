@@ -10,9 +10,12 @@
 -- ignore fields they do not know, so fields can be added later.
 --
 -- This runs inside Dovecot's imap/lmtp/lda processes, synchronously, as the
--- mail uid. So: never raise into Dovecot, never wait longer than the timeout,
--- and keep the top level cheap (the file is loaded for every mail user, twice
--- per LMTP delivery).
+-- mail uid. So: never raise into Dovecot, never wait longer than the timeout.
+--
+-- Dovecot compiles this file into a fresh Lua state for every LMTP delivery
+-- (and once more per LMTP connection), and compiling was half of what the
+-- script cost a delivery. So code a delivery does not run is kept in strings,
+-- which are only scanned, and compiled where it is first needed (see `lazy`).
 --
 -- Settings (2.3: plugin { ... }; 2.4: push_notification lua { lua_settings { ... } }):
 --   dovenotify_socket      event socket path   (default /run/dovenotify/events.sock)
@@ -22,42 +25,84 @@
 --                          (default /var/lib/dovenotify/events.spool); dovenotify
 --                          creates it writable for us and pushes for them when back
 
-local DEFAULT_SOCKET = "/run/dovenotify/events.sock"
-local DEFAULT_TIMEOUT = 0.2
-local DEFAULT_SPOOL = "/var/lib/dovenotify/events.spool"
-
--- Per Lua state (one per mail user in a process): filled by script_init on 2.4,
+-- Per Lua state (one per mail user in a process): set by script_init on 2.4,
 -- on the first transaction on 2.3 where settings come from the user.
-local settings = nil
--- lua-socket's unix module, loaded on the first send so that processes
--- which never send an event never load it.
-local unix = nil
+local settings
+-- lua-socket's unix module, loaded on the first send.
+local unix
 
-local ESCAPES = { ["%"] = "%25", ["\t"] = "%09", ["\r"] = "%0D", ["\n"] = "%0A" }
+-- Chunks compiled on first use; each gets the arguments of `lazy(name, ...)`.
+local CHUNKS = {
+  -- The username from userdb field `field` (dovenotify_user_field), if set.
+  username = [[
+    local user, field = ...
+    local ok, value
+    if user.plugin_getenv then
+      -- 2.3: userdb extra fields are visible as plugin settings.
+      ok, value = pcall(user.plugin_getenv, user, field)
+    elseif string.match(field, "^[%w_.-]+$") then
+      -- 2.4: the name goes into an expansion, so plain names only.
+      ok, value = pcall(user.var_expand, user, "%{userdb:" .. field .. "}")
+    end
+    if ok and type(value) == "string" and value ~= "" then
+      return value
+    end
+    return user.username
+  ]],
+  -- Dovecot reports a FlagsClear with nothing in it whenever \Recent goes
+  -- away (e.g. on STORE +FLAGS \Seen): flags is then an empty table and
+  -- keywords is absent or empty. Nothing changed that a client can see.
+  visible_flags_cleared = [[
+    local event = ...
+    local flags, keywords = event.flags, event.keywords
+    return (flags ~= nil and #flags > 0) or (keywords ~= nil and #keywords > 0)
+  ]],
+  -- After a failed send: append the lines to the spool for the service to push
+  -- when it is back, and say so in Dovecot's log.
+  keep = [[
+    local data, count, s, reason = ...
+    local outcome = "kept in " .. s.spool
+    local file, err = io.open(s.spool, "a")
+    if file then
+      -- A buffer as big as the data makes one write(2) on an O_APPEND file,
+      -- so lines of concurrent writers never interleave.
+      file:setvbuf("full", #data)
+      local written, write_err = file:write(data)
+      local closed, close_err = file:close()
+      err = not (written and closed) and tostring(write_err or close_err)
+    end
+    if err then
+      outcome = "not kept in " .. s.spool .. " either: " .. err
+    end
+    dovecot.i_warning(string.format("dovenotify: %d event(s) not sent to %s: %s; %s",
+      count, s.socket, reason, outcome))
+  ]],
+}
 
-local function escape(text)
-  return (string.gsub(tostring(text or ""), "[%%\t\r\n]", ESCAPES))
+local function lazy(name, ...)
+  local chunk = CHUNKS[name]
+  if type(chunk) == "string" then
+    chunk = assert(load(chunk, "=dovenotify.lua:" .. name))
+    CHUNKS[name] = chunk
+  end
+  return chunk(...)
 end
 
 local function make_settings(get)
-  local timeout = tonumber(get("dovenotify_timeout") or "")
-  if timeout == nil or timeout <= 0 then
-    timeout = DEFAULT_TIMEOUT
+  -- An unset setting is nil on 2.3, and may be "" on 2.4.
+  local function value(name)
+    local text = get(name)
+    if text ~= "" then
+      return text
+    end
   end
-  local socket_path = get("dovenotify_socket")
-  if socket_path == nil or socket_path == "" then
-    socket_path = DEFAULT_SOCKET
-  end
-  local spool = get("dovenotify_spool")
-  if spool == nil or spool == "" then
-    spool = DEFAULT_SPOOL
-  end
-  local field = get("dovenotify_user_field")
-  -- The name goes into a %{userdb:...} expansion on 2.4: allow plain names only.
-  if field ~= nil and not string.match(field, "^[%w_.-]+$") then
-    field = nil
-  end
-  return { socket = socket_path, timeout = timeout, user_field = field, spool = spool }
+  local timeout = tonumber(value("dovenotify_timeout"))
+  return {
+    socket = value("dovenotify_socket") or "/run/dovenotify/events.sock",
+    timeout = timeout and timeout > 0 and timeout or 0.2,
+    spool = value("dovenotify_spool") or "/var/lib/dovenotify/events.spool",
+    user_field = value("dovenotify_user_field"),
+  }
 end
 
 -- 2.3 calls script_init() without arguments and insists on an integer 0;
@@ -69,47 +114,28 @@ function script_init(args)
   return 0
 end
 
-local function user_settings(user)
-  if settings == nil then
-    if user.plugin_getenv ~= nil then
-      settings = make_settings(function(name) return user:plugin_getenv(name) end)
-    else
-      settings = make_settings(function() return nil end)
-    end
-  end
-  return settings
-end
+local ESCAPES = { ["%"] = "%25", ["\t"] = "%09", ["\r"] = "%0D", ["\n"] = "%0A" }
 
-local function username_of(user, s)
-  if s.user_field ~= nil then
-    local ok, value
-    if user.plugin_getenv ~= nil then
-      -- 2.3: userdb extra fields are visible as plugin settings.
-      ok, value = pcall(user.plugin_getenv, user, s.user_field)
-    else
-      ok, value = pcall(user.var_expand, user, "%{userdb:" .. s.user_field .. "}")
-    end
-    if ok and type(value) == "string" and value ~= "" then
-      return value
-    end
-  end
-  return user.username
+local function escape(text)
+  return (string.gsub(tostring(text or ""), "[%%\t\r\n]", ESCAPES))
 end
 
 function dovecot_lua_notify_begin_txn(user)
-  local s = user_settings(user)
+  settings = settings or make_settings(function(name)
+    return user.plugin_getenv and user:plugin_getenv(name)
+  end)
+  local name = settings.user_field and lazy("username", user, settings.user_field)
   return {
-    prefix = "\t" .. escape(username_of(user, s)) .. "\t",
+    prefix = "\t" .. escape(name or user.username) .. "\t",
     suffix = "\t" .. escape(user.service) .. "\n",
     lines = {},
     seen = {},
-    settings = s,
   }
 end
 
 local function add(ctx, name, mailbox, extra)
   local line = name .. ctx.prefix .. escape(mailbox) .. ctx.suffix
-  if extra ~= nil then
+  if extra then
     line = string.sub(line, 1, -2) .. "\t" .. escape(extra) .. "\n"
   end
   if not ctx.seen[line] then
@@ -132,89 +158,58 @@ dovecot_lua_notify_event_flags_set = hook("FlagsSet")
 dovecot_lua_notify_event_mailbox_delete = hook("MailboxDelete")
 
 function dovecot_lua_notify_event_flags_clear(ctx, event)
-  -- Dovecot reports a FlagsClear with nothing in it whenever \Recent goes away
-  -- (e.g. on STORE +FLAGS \Seen): flags is then an empty table and keywords
-  -- is absent or empty. Nothing changed that a client can see.
-  local flags, keywords = event.flags, event.keywords
-  if (flags == nil or #flags == 0) and (keywords == nil or #keywords == 0) then
-    return
+  if lazy("visible_flags_cleared", event) then
+    add(ctx, "FlagsClear", event.mailbox)
   end
-  add(ctx, "FlagsClear", event.mailbox)
 end
 
 function dovecot_lua_notify_event_mailbox_rename(ctx, event)
   add(ctx, "MailboxRename", event.mailbox, event.mailbox_old or "")
 end
 
--- Lua 5.4 keeps the handles of loaded C libraries in this registry table, in
--- load order; closing the state unloads each. nil where that is not so.
-local function loaded_c_libraries()
-  local ok, registry = pcall(debug.getregistry)
-  local clibs = ok and type(registry) == "table" and registry._CLIBS
-  return type(clibs) == "table" and clibs or nil
+-- lua-socket's unix module: its C library alone, found along package.cpath
+-- (require would first try eight socket/unix.lua paths, in every fresh state).
+local function load_unix()
+  -- Closing a Lua state unloads the C libraries it loaded (dlclose), and LMTP
+  -- makes a fresh state for every delivery: loading lua-socket anew each time
+  -- was what this script cost most. Lua 5.4 keeps the handles in the registry
+  -- table _CLIBS, in load order: forgetting ours keeps the library in the
+  -- process, so later states only take another reference. (Other Lua
+  -- versions keep them elsewhere: there the library is loaded each time.)
+  local clibs = debug.getregistry()._CLIBS or {}
+  local before = #clibs
+  local open, err = package.loadlib(
+    package.searchpath("socket.unix", package.cpath) or "socket.unix", "luaopen_socket_unix")
+  if not open then
+    error("cannot load lua-socket (socket.unix): " .. tostring(err), 0)
+  end
+  for i = #clibs, before + 1, -1 do
+    clibs[i] = nil
+  end
+  return open()
 end
 
 -- Returns nil on success, else a reason for the log.
-local function send(data, s)
-  if unix == nil then
-    local clibs = loaded_c_libraries()
-    local before = clibs and #clibs
-    local ok, module = pcall(require, "socket.unix")
-    if not ok then
-      return "cannot load lua-socket (socket.unix): " .. tostring(module)
-    end
-    unix = module
-    -- Closing a Lua state unloads the C libraries it loaded (dlclose), and LMTP
-    -- makes fresh states for every delivery: loading lua-socket again each time
-    -- was most of what this script cost a delivery. Forgetting our handle keeps
-    -- the library in the process, so later states only take another reference.
-    if before ~= nil then
-      for i = #clibs, before + 1, -1 do
-        clibs[i] = nil
-      end
-    end
-  end
-  local conn, err = (unix.stream or unix)()
-  if conn == nil then
+local function send(data)
+  unix = unix or load_unix()
+  local conn, err = unix.stream()
+  if not conn then
     return "socket: " .. tostring(err)
   end
   -- "b" bounds each blocking step, "t" the whole call: together no step and
   -- no sequence of partial sends can wait longer than the timeout.
-  conn:settimeout(s.timeout, "b")
-  conn:settimeout(s.timeout, "t")
-  local ok
-  ok, err = conn:connect(s.socket)
-  if ok then
-    local sent, send_err, last = conn:send(data)
-    if sent == nil then
-      err = "send: " .. tostring(send_err) .. " after " .. tostring(math.floor(last or 0)) .. " of "
-        .. #data .. " bytes"
-    else
-      err = nil
-    end
-  else
+  conn:settimeout(settings.timeout, "b")
+  conn:settimeout(settings.timeout, "t")
+  local done, last
+  done, err = conn:connect(settings.socket)
+  if not done then
     err = "connect: " .. tostring(err)
+  else
+    done, err, last = conn:send(data)
+    err = not done and string.format("send: %s after %d of %d bytes", err, last or 0, #data)
   end
   conn:close()
-  return err
-end
-
--- Appends the lines to the spool for the service to push when it is back.
--- Returns nil on success, else a reason for the log.
-local function keep(data, s)
-  local file, err = io.open(s.spool, "a")
-  if file == nil then
-    return err
-  end
-  -- A buffer as big as the data makes one write(2) on an O_APPEND file, so
-  -- lines of concurrent writers never interleave.
-  file:setvbuf("full", #data)
-  local ok, write_err = file:write(data)
-  local closed, close_err = file:close()
-  if not ok or not closed then
-    return tostring(write_err or close_err)
-  end
-  return nil
+  return err or nil
 end
 
 function dovecot_lua_notify_end_txn(ctx, success)
@@ -222,18 +217,8 @@ function dovecot_lua_notify_end_txn(ctx, success)
     return
   end
   local data = table.concat(ctx.lines)
-  local ok, err = pcall(send, data, ctx.settings)
-  if ok and err == nil then
-    return
+  local ok, err = pcall(send, data)
+  if not ok or err then
+    pcall(lazy, "keep", data, #ctx.lines, settings, tostring(err))
   end
-  local kept_ok, kept_err = pcall(keep, data, ctx.settings)
-  local outcome
-  if kept_ok and kept_err == nil then
-    outcome = "kept in " .. ctx.settings.spool
-  else
-    outcome = "not kept in " .. ctx.settings.spool .. " either: " .. tostring(kept_err)
-  end
-  pcall(dovecot.i_warning, string.format(
-    "dovenotify: %d event(s) not sent to %s: %s; %s",
-    #ctx.lines, ctx.settings.socket, tostring(err), outcome))
 end

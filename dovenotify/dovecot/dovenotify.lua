@@ -92,9 +92,10 @@ local function make_settings(get)
   -- An unset setting is nil on 2.3, and may be "" on 2.4.
   local function value(name)
     local text = get(name)
-    if text ~= "" then
-      return text
+    if text == "" then
+      return nil
     end
+    return text
   end
   local timeout = tonumber(value("dovenotify_timeout"))
   return {

@@ -7,6 +7,7 @@ replaced by a pass-through) and an EventSink on the event socket.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -150,6 +151,23 @@ def test_lmtp_delivery_sends_one_message_new(
         b"MessageNew\talice\tINBOX\tlmtp\n",
         b"MessageNew\talice\tINBOX\tlmtp\n",
     ]
+
+
+def test_empty_settings_mean_the_defaults(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
+    # An admin who blanks a setting gets its default, not a driver that fails.
+    conf = driver_conf()
+    for name in ("dovenotify_timeout", "dovenotify_spool"):
+        conf, found = re.subn(rf"(?m)^(\s*{name} =).*$", r"\1", conf)
+        assert found == 1
+    # A blank user field: the username as Dovecot reports it.
+    conf = conf.replace("dovenotify_socket =", "dovenotify_user_field =\n  dovenotify_socket =")
+    d = dovecot_factory(extra_conf=conf)
+    with EventSink(scratch / "events.sock") as sink:
+        deliver(d, "alice", MESSAGE)
+        sink.wait_for(lambda s: len(s.payloads) == 1)
+    assert sink.payloads == [b"MessageNew\talice\tINBOX\tlmtp\n"]
 
 
 def test_lda_delivery_sends_message_new(

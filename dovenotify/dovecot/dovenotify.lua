@@ -13,8 +13,8 @@
 -- mail uid. So: never raise into Dovecot, never wait longer than the timeout.
 --
 -- Dovecot compiles this file into a fresh Lua state for every LMTP delivery
--- (and once more per LMTP connection), and compiling was half of what the
--- script cost a delivery. So code a delivery does not run is kept in strings,
+-- (and once more per LMTP connection), and compiling is about half of what
+-- the script costs a delivery. So code a delivery does not run is kept in strings,
 -- which are only scanned, and compiled where it is first needed (see `lazy`).
 --
 -- Settings (2.3: plugin { ... }; 2.4: push_notification lua { lua_settings { ... } }):

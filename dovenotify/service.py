@@ -36,6 +36,10 @@ from .usernames import UserKeys
 log = logging.getLogger("dovenotify")
 
 EVENT_CONNECTION_TIMEOUT = 10.0
+# Each open event connection holds a task and its buffers. Past this many, new
+# ones wait in the listen queue, and a Lua driver that waits past its timeout
+# spools its lines: a burst costs latency, never unbounded memory.
+MAX_EVENT_CONNECTIONS = 256
 # How often the spool is checked for events the Lua driver could not send us
 # (e.g. while this process was stopped): a stat() of one file.
 SPOOL_CHECK_INTERVAL = 2.0
@@ -66,13 +70,17 @@ class Service:
     # --- events ----------------------------------------------------------
 
     async def serve_events(self, listener: trio.SocketListener) -> None:
+        # A semaphore, not a CapacityLimiter: the connection's task releases it.
+        room = trio.Semaphore(MAX_EVENT_CONNECTIONS)
         async with trio.open_nursery() as nursery:
             while True:
+                await room.acquire()
                 stream = await listener.accept()
                 if self._event_peer_allowed(stream):
-                    nursery.start_soon(self._read_events, stream)
+                    nursery.start_soon(self._read_events, stream, room)
                 else:
                     await stream.aclose()
+                    room.release()
 
     def _event_peer_allowed(self, stream: trio.SocketStream) -> bool:
         if self.event_peers is None:
@@ -89,15 +97,18 @@ class Service:
         )
         return False
 
-    async def _read_events(self, stream: trio.SocketStream) -> None:
+    async def _read_events(self, stream: trio.SocketStream, room: trio.Semaphore) -> None:
         decoder = EventDecoder()
         items: list[Event | BadLine] = []
-        async with stream:
-            with trio.move_on_after(EVENT_CONNECTION_TIMEOUT):
-                while data := await _receive(stream):
-                    items += decoder.feed(data)
-        items += decoder.close()
-        await self._handle_items(items)
+        try:
+            async with stream:
+                with trio.move_on_after(EVENT_CONNECTION_TIMEOUT):
+                    while data := await _receive(stream):
+                        items += decoder.feed(data)
+            items += decoder.close()
+            await self._handle_items(items)
+        finally:
+            room.release()
 
     async def _handle_items(self, items: list[Event | BadLine], *, late: bool = False) -> None:
         for item in items:

@@ -8,12 +8,16 @@ own events still push.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
+from pathlib import Path
 
 import trio
 
 from dovenotify.events import MAX_LINE
+from dovenotify.service import MAX_EVENT_CONNECTIONS
 from tests.harness.dovecot import deliver, installation
 from tests.harness.stack import Stack, run_stack
 
@@ -88,5 +92,37 @@ async def test_only_event_peers_may_send_events(test_pki, dovecot_version):
         assert stack.standin.requests == []
         # Dovecot's delivery (as the mail uid) still pushes.
         await trio.to_thread.run_sync(deliver, stack.dovecot, "alice", MESSAGE)
+        request = await stack.standin.next_request()
+        assert request.path.endswith(TOKEN)
+
+
+def open_sockets(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+async def test_a_flood_of_event_connections_is_held_at_the_limit(test_pki):
+    async with run_stack(test_pki, version=None) as stack:
+        await register(stack)
+        path, pid = stack.settings["event_socket"], stack.service.process.pid
+        before = open_sockets(pid)
+        with contextlib.ExitStack() as held:
+            # Connections that say nothing yet, as from deliveries stuck mid-send.
+            for _ in range(MAX_EVENT_CONNECTIONS + 44):
+                s = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+                s.connect(path)
+            queued = held.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            queued.connect(path)
+            queued.sendall(b"MessageNew\talice\tINBOX\tlmtp\n")
+            queued.shutdown(socket.SHUT_WR)
+            with trio.fail_after(10):
+                while open_sockets(pid) - before < MAX_EVENT_CONNECTIONS:
+                    await trio.sleep(0.01)
+            # Proving that nothing more is taken needs a while of watching: the
+            # service accepts in a loop, so 0.5 s is hundreds of chances to.
+            await trio.sleep(0.5)
+            assert open_sockets(pid) - before == MAX_EVENT_CONNECTIONS
+            assert stack.standin.requests == []
+        # The connections ended; the one that waited in the queue is read and pushed.
         request = await stack.standin.next_request()
         assert request.path.endswith(TOKEN)

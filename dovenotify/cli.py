@@ -6,7 +6,7 @@ import argparse
 import json
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,18 +89,27 @@ def load_config(args: argparse.Namespace) -> configuration.Config:
     return configuration.load(args.config)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def run_daemon(
+    args: argparse.Namespace, main: Callable[[configuration.Config], Awaitable[None]]
+) -> int:
+    """Run a long-lived command (`serve`, `relay`) with logging set up as configured."""
     import trio
 
-    from . import certificates, logsetup, service
+    from . import certificates, logsetup
 
     config = load_config(args)
     logsetup.configure(config.log_level, config.log_format)
     try:
-        trio.run(service.serve, config)
+        trio.run(main, config)
     except certificates.CertificateError as e:
         raise UsageError(str(e)) from None
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from . import service
+
+    return run_daemon(args, service.serve)
 
 
 def _devices(args: argparse.Namespace) -> int:

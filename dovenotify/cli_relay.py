@@ -18,15 +18,7 @@ def register(commands: Any) -> None:
 
 
 def _relay(args: argparse.Namespace) -> int:
-    import trio
+    from . import relay_process
+    from .cli import run_daemon
 
-    from . import certificates, logsetup, relay_process
-    from .cli import UsageError, load_config
-
-    config = load_config(args)
-    logsetup.configure(config.log_level, config.log_format)
-    try:
-        trio.run(relay_process.run, config)
-    except certificates.CertificateError as e:
-        raise UsageError(str(e)) from None
-    return 0
+    return run_daemon(args, relay_process.run)

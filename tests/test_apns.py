@@ -2,6 +2,7 @@ import json
 import ssl
 import sys
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -241,58 +242,50 @@ async def test_no_answer_in_time_is_a_retry(test_pki: Pki, apns_standin: ApnsSta
     assert "Timeout" in outcome.reason
 
 
-async def test_in_flight_requests_are_bounded(test_pki: Pki, apns_standin: ApnsStandin) -> None:
-    gate = trio.Event()
+async def open_streams_of_twenty(
+    test_pki: Pki, standin: ApnsStandin, sender: ApnsSender, gate: trio.Event, expected: int
+) -> None:
+    """Send 20 pushes the stand-in holds until `gate`; check `expected` are open at once."""
+    outcomes: list[Outcome] = []
 
+    async def send() -> None:
+        outcomes.append(await sender.send(_push(test_pki)))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(send)
+        for _ in range(expected):
+            await standin.next_request()
+        # Give one more request every chance to arrive before checking it did not.
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert len(standin.requests) == expected
+        gate.set()
+    assert [o.action for o in outcomes] == [Action.DELIVERED] * 20
+
+
+def held_until(gate: trio.Event) -> Callable[[object], Awaitable[Answer]]:
     async def held(_request: object) -> Answer:
         await gate.wait()
         return Answer(200)
 
-    apns_standin.responder = held
-    outcomes: list[Outcome] = []
+    return held
+
+
+async def test_in_flight_requests_are_bounded(test_pki: Pki, apns_standin: ApnsStandin) -> None:
+    gate = trio.Event()
+    apns_standin.responder = held_until(gate)
     async with _sender(test_pki, apns_standin, max_in_flight=8) as sender:
-
-        async def send() -> None:
-            outcomes.append(await sender.send(_push(test_pki)))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(20):
-                nursery.start_soon(send)
-            for _ in range(8):
-                await apns_standin.next_request()
-            # Give a ninth request every chance to arrive before checking it did not.
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-            assert len(apns_standin.requests) == 8
-            gate.set()
-    assert [o.action for o in outcomes] == [Action.DELIVERED] * 20
+        await open_streams_of_twenty(test_pki, apns_standin, sender, gate, expected=8)
 
 
 async def test_the_servers_stream_limit_is_respected(test_pki: Pki) -> None:
     gate = trio.Event()
-
-    async def held(_request: object) -> Answer:
-        await gate.wait()
-        return Answer(200)
-
-    outcomes: list[Outcome] = []
     async with (
-        run_apns_standin(test_pki, responder=held, max_concurrent_streams=4) as standin,
+        run_apns_standin(test_pki, responder=held_until(gate), max_concurrent_streams=4) as standin,
         _sender(test_pki, standin, max_in_flight=16) as sender,
     ):
-
-        async def send() -> None:
-            outcomes.append(await sender.send(_push(test_pki)))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(20):
-                nursery.start_soon(send)
-            for _ in range(4):
-                await standin.next_request()
-            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
-            # Four open streams, as the server's SETTINGS allow, though 16 would be ours.
-            assert len(standin.requests) == 4
-            gate.set()
-    assert [o.action for o in outcomes] == [Action.DELIVERED] * 20
+        # Four open streams, as the server's SETTINGS allow, though 16 would be ours.
+        await open_streams_of_twenty(test_pki, standin, sender, gate, expected=4)
     assert len({r.client for r in standin.requests}) == 1
 
 

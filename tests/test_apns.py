@@ -131,9 +131,13 @@ def test_transport_failure_is_a_retry() -> None:
 # --- the sender against the stand-in ------------------------------------------------
 
 
-def _sender(pki: Pki, standin: ApnsStandin, **options: object) -> ApnsSender:
+def _sender(
+    pki: Pki, standin: ApnsStandin, port: int | None = None, **options: object
+) -> ApnsSender:
+    """A sender to the stand-in, or through a proxy to it on `port`."""
     credentials = load_credentials(pki.client.combined_pem)
-    return ApnsSender(credentials, endpoint=standin.url, ca_file=pki.ca_file, **options)
+    endpoint = standin.url if port is None else f"https://127.0.0.1:{port}"
+    return ApnsSender(credentials, endpoint=endpoint, ca_file=pki.ca_file, **options)
 
 
 def _push(pki: Pki) -> Push:
@@ -327,21 +331,19 @@ async def test_goaway_with_requests_in_flight_pushes_each_device_exactly_once(
 async def test_idle_ping_replaces_a_black_holed_connection_before_the_next_push(
     test_pki: Pki, apns_standin: ApnsStandin
 ) -> None:
-    credentials = load_credentials(test_pki.client.combined_pem)
-    async with run_tcp_proxy(apns_standin.port) as proxy:
-        url = f"https://127.0.0.1:{proxy.port}"
-        async with ApnsSender(
-            credentials, endpoint=url, ca_file=test_pki.ca_file, timeout=1.0, idle_ping=0.2
-        ) as sender:
-            assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
-            # The path dies silently while the connection is idle.
-            proxy.black_hole()
-            # Unanswered, the PING after 0.2 s idle makes the sender drop it.
-            with trio.fail_after(5):
-                await proxy.dropped.wait()
-            started = trio.current_time()
-            outcome = await sender.send(_push(test_pki))
-            took = trio.current_time() - started
+    async with (
+        run_tcp_proxy(apns_standin.port) as proxy,
+        _sender(test_pki, apns_standin, proxy.port, timeout=1.0, idle_ping=0.2) as sender,
+    ):
+        assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+        # The path dies silently while the connection is idle.
+        proxy.black_hole()
+        # Unanswered, the PING after 0.2 s idle makes the sender drop it.
+        with trio.fail_after(5):
+            await proxy.dropped.wait()
+        started = trio.current_time()
+        outcome = await sender.send(_push(test_pki))
+        took = trio.current_time() - started
     assert outcome.action is Action.DELIVERED
     # Straight onto a new connection, not after waiting out the 1 s timeout.
     assert took < 1.0
@@ -352,20 +354,18 @@ async def test_idle_ping_replaces_a_black_holed_connection_before_the_next_push(
 async def test_a_connection_hung_as_a_whole_is_replaced(
     test_pki: Pki, apns_standin: ApnsStandin
 ) -> None:
-    credentials = load_credentials(test_pki.client.combined_pem)
-    async with run_tcp_proxy(apns_standin.port) as proxy:
-        url = f"https://127.0.0.1:{proxy.port}"
-        async with ApnsSender(
-            credentials, endpoint=url, ca_file=test_pki.ca_file, timeout=0.5
-        ) as sender:
-            assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
-            proxy.black_hole()
-            hung = await sender.send(_push(test_pki))
-            # The timed-out stream is followed by a PING; unanswered, it ends the
-            # connection, so the next push does not wait on it too.
-            with trio.fail_after(5):
-                await proxy.dropped.wait()
-            after = await sender.send(_push(test_pki))
+    async with (
+        run_tcp_proxy(apns_standin.port) as proxy,
+        _sender(test_pki, apns_standin, proxy.port, timeout=0.5) as sender,
+    ):
+        assert (await sender.send(_push(test_pki))).action is Action.DELIVERED
+        proxy.black_hole()
+        hung = await sender.send(_push(test_pki))
+        # The timed-out stream is followed by a PING; unanswered, it ends the
+        # connection, so the next push does not wait on it too.
+        with trio.fail_after(5):
+            await proxy.dropped.wait()
+        after = await sender.send(_push(test_pki))
     assert (hung.action, hung.status) == (Action.RETRY, None)
     assert hung.reason.startswith("ReadTimeout")
     assert after.action is Action.DELIVERED

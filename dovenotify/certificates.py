@@ -21,16 +21,18 @@ import attrs
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
+# No DSA: APNs certificates are RSA or EC, and naming cryptography's DSA class
+# warns on every command since cryptography 51 deprecated it. A DSA key is refused
+# as an unsupported key type.
 PrivateKey = (
     rsa.RSAPrivateKey
     | ec.EllipticCurvePrivateKey
     | ed25519.Ed25519PrivateKey
     | ed448.Ed448PrivateKey
-    | dsa.DSAPrivateKey
 )
 
 # Apple's "topics" extension on universal push certificates: lists the topic and

@@ -26,13 +26,17 @@ ensure_debian_packages() {
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# A virtualenv in .venv with dovenotify installed (not editable: the tests run the
-# installed `dovenotify` command, so packaging mistakes show up here).
+# A virtualenv in .venv with the locked dependencies (requirements/LOCK.txt, exact
+# versions and hashes: what the suite passed with) and dovenotify installed from this
+# tree (not editable: the tests run the installed `dovenotify` command, so packaging
+# mistakes show up here). scripts/lock refreshes the locks.
 ensure_venv() {
-    local extra=$1
+    local lock=$1
     local python=${PYTHON:-python3}
     if [ ! -x .venv/bin/python ]; then
         "$python" -m venv .venv
     fi
-    .venv/bin/python -m pip install -q --disable-pip-version-check ".[$extra]"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --require-hashes \
+        -r "requirements/$lock.txt"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation .
 }

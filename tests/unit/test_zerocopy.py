@@ -4,6 +4,7 @@ import contextlib
 import errno
 import os
 import socket
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
@@ -11,9 +12,18 @@ import trio
 from dovenotify import zerocopy
 
 
-def pair() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
-    a, b = socket.socketpair()
-    return trio.socket.from_stdlib_socket(a), trio.socket.from_stdlib_socket(b)
+@pytest.fixture
+def pair() -> Iterator[Callable[[], tuple[trio.socket.SocketType, trio.socket.SocketType]]]:
+    """Connected socket pairs, closed when the test ends."""
+    with contextlib.ExitStack() as stack:
+
+        def make() -> tuple[trio.socket.SocketType, trio.socket.SocketType]:
+            a, b = (
+                stack.enter_context(trio.socket.from_stdlib_socket(s)) for s in socket.socketpair()
+            )
+            return a, b
+
+        yield make
 
 
 async def receive_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
@@ -23,7 +33,7 @@ async def receive_exactly(sock: trio.socket.SocketType, size: int) -> bytes:
     return data
 
 
-async def test_splice_moves_bytes_and_stops_at_the_limit():
+async def test_splice_moves_bytes_and_stops_at_the_limit(pair):
     sender, source = pair()
     target, receiver = pair()
     payload = os.urandom(3 * 1024 * 1024)
@@ -43,7 +53,7 @@ async def test_splice_moves_bytes_and_stops_at_the_limit():
     assert await source.recv(100) == b"after"
 
 
-async def test_a_refused_splice_still_delivers_what_it_took(monkeypatch):
+async def test_a_refused_splice_still_delivers_what_it_took(pair, monkeypatch):
     sender, source = pair()
     target, receiver = pair()
     real_splice = os.splice

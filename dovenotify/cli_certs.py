@@ -1,7 +1,7 @@
 """Commands for APNs credentials and moving over from xapsd.
 
-`dovenotify cert show`, `dovenotify cert import FILE`, `dovenotify test-push --user
-NAME` and `dovenotify import-xapsd --database database.json`.
+`dovenotify cert show`, `dovenotify cert request --topic T`, `dovenotify cert import FILE`,
+`dovenotify test-push --user NAME` and `dovenotify import-xapsd --database database.json`.
 """
 
 from __future__ import annotations
@@ -13,15 +13,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import xapsd_import
+from cryptography.hazmat.primitives import serialization
+
+from . import service_files, xapsd_import
 from .apns_auth import load_auth, open_sender, read_password
 from .certificates import (
     CertificateError,
     Credentials,
+    certificate_request,
     credentials_from,
     environment,
     load_credentials,
+    private_pem,
     save_credentials,
+    topic_problem,
 )
 from .config import ApnsConfig, Config
 from .store import Registration, open_store
@@ -43,15 +48,34 @@ def register(commands: Any) -> None:
         _show,
     )
     show.add_argument("file", nargs="?", type=Path, help="a certificate file instead")
+    show.add_argument("--key", type=Path, help="the key of FILE, when FILE has none (.cer)")
     show.add_argument("--password-file", type=Path, help="password for FILE, if a .p12")
+    request = add_command(
+        actions,
+        "request",
+        "Make a private key and a certificate signing request (CSR) for a"
+        " com.apple.mobilemail.push.<reversed domain> topic, to upload to Apple.",
+        _request,
+    )
+    request.add_argument(
+        "--topic", required=True, help="com.apple.mobilemail.push.<your domain reversed>"
+    )
+    request.add_argument(
+        "--key", type=Path, help="where the key goes (default: TOPIC.key beside --config)"
+    )
+    request.add_argument(
+        "--csr", type=Path, help="where the CSR goes (default: TOPIC.csr beside the key)"
+    )
     imported = add_command(
         actions,
         "import",
-        "Check a certificate and key (PEM or .p12/.pfx) and install them where"
-        " apns.certificate (and apns.key) say, readable by root only.",
+        "Check a certificate and key (PEM, .p12/.pfx, or Apple's .cer with --key) and"
+        " install them where apns.certificate (and apns.key) say, readable by the service.",
         _import,
     )
-    imported.add_argument("file", type=Path, help="PEM with certificate and key, or .p12/.pfx")
+    imported.add_argument(
+        "file", type=Path, help="PEM with certificate and key, .p12/.pfx, or Apple's .cer"
+    )
     imported.add_argument("--key", type=Path, help="the key, when it is in a file of its own")
     imported.add_argument("--password-file", type=Path, help="password of the .p12 or key")
 
@@ -88,7 +112,7 @@ def _show(args: argparse.Namespace) -> int:
     config = load_config(args) if args.file is None else None
     try:
         if args.file is not None:
-            credentials = load_credentials(args.file, None, read_password(args.password_file))
+            credentials = load_credentials(args.file, args.key, read_password(args.password_file))
         else:
             assert config is not None
             apns = config.apns
@@ -148,6 +172,46 @@ def _problem(credentials: Credentials, apns: ApnsConfig | None) -> str | None:
     return None
 
 
+# --- cert request ----------------------------------------------------------------------
+
+
+def _request(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+
+    problem = topic_problem(args.topic)
+    if problem:
+        raise UsageError(f"--topic {problem}")
+    key_path: Path = (args.key or args.config.parent / f"{args.topic}.key").absolute()
+    csr_path: Path = args.csr or key_path.with_suffix(".csr")
+    for path in (key_path, csr_path):
+        if path.exists():
+            # The key of a request Apple may already be answering: never overwrite it.
+            raise UsageError(
+                f"{path} already exists: import Apple's certificate with that key, or"
+                " move it away to start a new request"
+            )
+    key, csr = certificate_request(args.topic)
+    try:
+        ownership = service_files.write(key_path, private_pem(key))
+        service_files.write(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+        csr_path.chmod(0o644)
+    except OSError as error:
+        raise UsageError(f"cannot write the request: {error}") from None
+    print(
+        f"Wrote the private key to {key_path} ({ownership.describe()}): keep it; it never"
+        f" goes to Apple.\nWrote the certificate signing request to {csr_path}.\n\n"
+        "Next (not self-service: Apple must first have granted your developer team this"
+        " topic):\n"
+        "  1. developer.apple.com > Certificates, Identifiers & Profiles > Certificates >"
+        " +,\n     Apple Push Notification service SSL, for"
+        f" {args.topic}; upload {csr_path}.\n"
+        "  2. Download the certificate Apple makes (aps.cer), then:\n"
+        f"       dovenotify cert import aps.cer --key {key_path}\n"
+        "  3. Reload the service: systemctl reload dovenotify (or kill -HUP its pid)."
+    )
+    return 0
+
+
 # --- cert import -----------------------------------------------------------------------
 
 
@@ -173,15 +237,18 @@ def _install(credentials: Credentials, config: Config) -> str:
     apns = config.apns
     if apns.certificate is None:
         raise UsageError(f"{config.path}: set apns.certificate to where the certificate goes")
-    save_credentials(credentials, apns.certificate, apns.key)
-    where = f"{apns.certificate}" + (f" and {apns.key}" if apns.key else "")
+    try:
+        written = save_credentials(credentials, apns.certificate, apns.key)
+    except OSError as error:
+        raise UsageError(f"cannot install the certificate: {error}") from None
+    where = " and ".join(f"{path} ({ownership.describe()})" for path, ownership in written)
     note = ""
     if apns.password_file is not None:
         note = (
             f"\nThe key is stored without a password: remove apns.password_file from {config.path}."
         )
     return (
-        f"Installed the certificate for {credentials.topic} in {where} (mode 0600)."
+        f"Installed the certificate for {credentials.topic} in {where}."
         f" Reload the service (SIGHUP, `systemctl reload dovenotify`) to use it.{note}"
     )
 

@@ -160,6 +160,79 @@ def test_cert_import_refuses_an_expired_certificate(test_pki: Pki, tmp_path: Pat
     assert not target.exists()
 
 
+def test_cert_import_of_a_der_cer_needs_its_key(test_pki: Pki, tmp_path: Path) -> None:
+    cer = tmp_path / "aps.cer"
+    cer.write_bytes(
+        load_credentials(test_pki.client.combined_pem).certificate.public_bytes(
+            serialization.Encoding.DER
+        )
+    )
+    config = write_config(tmp_path, {"certificate": str(tmp_path / "push.pem")})
+    result = run("cert", "import", str(cer), "--config", str(config))
+    assert result.returncode == 2
+    assert f"{cer}: this certificate file holds no key: give the key" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+# --- cert request, then Apple's answer -----------------------------------------------
+
+TOPIC = "com.apple.mobilemail.push.org.example"
+
+
+async def test_cert_request_then_import_apples_cer(
+    test_pki: Pki, apns_standin: ApnsStandin, tmp_path: Path
+) -> None:
+    target = tmp_path / "push.pem"
+    config = write_config(
+        tmp_path,
+        {
+            "certificate": str(target),
+            "endpoint": apns_standin.url,
+            "ca_file": str(test_pki.ca_file),
+        },
+    )
+    refused = run("cert", "request", "--topic", "com.apple.mail.XServer.x", "--config", str(config))
+    assert refused.returncode == 2
+    assert "does not start with com.apple.mobilemail.push." in refused.stderr
+
+    requested = run("cert", "request", "--topic", TOPIC, "--config", str(config))
+    assert requested.returncode == 0, requested.stderr
+    key, csr = tmp_path / f"{TOPIC}.key", tmp_path / f"{TOPIC}.csr"
+    # No service group here (a directory of root's): the key is root's alone.
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert f"dovenotify cert import aps.cer --key {key}" in requested.stdout
+    assert "not self-service" in requested.stdout
+    again = run("cert", "request", "--topic", TOPIC, "--config", str(config))
+    assert again.returncode == 2
+    assert f"{key} already exists" in again.stderr
+
+    # Apple (the test CA standing in) signs the request; the admin downloads aps.cer.
+    cer = tmp_path / "aps.cer"
+    cer.write_bytes(test_pki.answer_request(csr.read_bytes(), TOPIC))
+    imported = run("cert", "import", str(cer), "--key", str(key), "--config", str(config))
+    assert imported.returncode == 0, imported.stderr
+    assert f"Installed the certificate for {TOPIC} in {target} (root:root, mode 0600)" in (
+        imported.stdout
+    )
+    assert f"Topics:      {TOPIC}, {TOPIC}.voip, {TOPIC}.complication" in imported.stdout
+
+    # The sender the service uses presents it, and the stand-in (trusting only
+    # "Apple") accepts it.
+    store = SQLiteStore(tmp_path / "registrations.sqlite")
+    store.register(Registration("alice", ACCOUNTS[0], TOKENS[0], TOPIC, ("INBOX",)))
+    store.close()
+    pushed = await trio.run_process(
+        [*dovenotify_command(), "test-push", "--user", "alice", "--config", str(config)],
+        capture_stdout=True,
+        check=False,
+    )
+    assert pushed.returncode == 0
+    assert pushed.stdout.decode().endswith(f"{TOPIC}: delivered\n")
+    presented = apns_standin.peer_certificates[-1]
+    assert presented.public_bytes(serialization.Encoding.DER) == cer.read_bytes()
+    assert [r.headers.get("apns-topic") for r in apns_standin.requests] == [TOPIC]
+
+
 # --- test-push -----------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ instead of polling for sockets.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -71,9 +72,12 @@ async def run_service(
     settings: Mapping[str, Any],
     extra_args: tuple[str, ...] = (),
     command: str = "serve",
+    user: str | None = None,
 ) -> AsyncIterator[RunningService]:
     """Start `dovenotify serve` (or `command`, e.g. relay) with these settings; stop it
-    (by its PID) on exit. Processes sharing `directory` share its configuration file."""
+    (by its PID) on exit. Processes sharing `directory` share its configuration file.
+    `user`: run it as that user, with that user's primary group only, as systemd's
+    User= does; `directory` must let the user in."""
     directory.mkdir(parents=True, exist_ok=True)
     config_path = write_config(directory / "dovenotify.yaml", settings)
     serve = command == "serve"
@@ -82,6 +86,10 @@ async def run_service(
     notify_path.unlink(missing_ok=True)
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         await notify.bind(str(notify_path))
+        as_user: dict[str, Any] = {}
+        if user is not None:
+            notify_path.chmod(0o666)
+            as_user = {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
         env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         with log_path.open("ab") as log:
             process = await trio.lowlevel.open_process(
@@ -90,6 +98,7 @@ async def run_service(
                 stdout=log,
                 stderr=log,
                 env=env,
+                **as_user,
             )
         service = RunningService(process, config_path, log_path)
         try:

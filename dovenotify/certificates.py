@@ -77,6 +77,16 @@ class Credentials:
     def expired(self) -> bool:
         return self.is_expired()
 
+    def chain_pem(self) -> bytes:
+        """The certificate, then what came with it, as PEM."""
+        return b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (self.certificate, *self.chain)
+        )
+
+    def pem(self) -> bytes:
+        """Certificate, chain and unencrypted key: one file the service can load."""
+        return self.chain_pem() + private_pem(self.private_key)
+
 
 def load_credentials(
     certificate: Path, key: Path | None = None, password: bytes | None = None
@@ -251,16 +261,11 @@ def save_credentials(
     Each file is replaced in one rename, so a service reloading at that moment reads
     the old pair or the new one, never half of one.
     """
-    chain = b"".join(
-        c.public_bytes(serialization.Encoding.PEM)
-        for c in (credentials.certificate, *credentials.chain)
-    )
-    key_pem = private_pem(credentials.private_key)
     if key is None:
-        return [(certificate, service_files.write(certificate, chain + key_pem))]
+        return [(certificate, service_files.write(certificate, credentials.pem()))]
     return [
-        (key, service_files.write(key, key_pem)),
-        (certificate, service_files.write(certificate, chain)),
+        (key, service_files.write(key, private_pem(credentials.private_key))),
+        (certificate, service_files.write(certificate, credentials.chain_pem())),
     ]
 
 
@@ -475,10 +480,7 @@ def _cert_chain_file(credentials: Credentials) -> Iterator[tuple[str, bytes]]:
     usable ever reaches a disk, even if the process dies before cleanup.
     """
     password = secrets.token_urlsafe(32).encode()
-    pem = b"".join(
-        c.public_bytes(serialization.Encoding.PEM)
-        for c in (credentials.certificate, *credentials.chain)
-    ) + credentials.private_key.private_bytes(
+    pem = credentials.chain_pem() + credentials.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(password),

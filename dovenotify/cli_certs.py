@@ -29,7 +29,7 @@ from .certificates import (
     topic_problem,
 )
 from .config import ApnsConfig, Config
-from .store import Registration, open_store
+from .store import Registration, iso, open_store
 from .usernames import UserKeys
 
 
@@ -95,6 +95,13 @@ def register(commands: Any) -> None:
     )
     xapsd.add_argument("--database", type=Path, required=True, help="xapsd's database.json")
     xapsd.add_argument("--xapsd-config", type=Path, help="xapsd.yaml naming its certificate")
+    xapsd.add_argument(
+        "--export-certificate",
+        type=Path,
+        metavar="FILE",
+        help="also write xapsd's certificate and key (PEM) to FILE, even when"
+        " apns.certificate already holds one",
+    )
     xapsd.add_argument(
         "--xapsd-dir",
         type=Path,
@@ -332,18 +339,50 @@ def _import_xapsd(args: argparse.Namespace) -> int:
         credentials = from_config
     topic = _install_for_import(credentials, from_config, config)
 
+    if args.export_certificate is not None:
+        print(_export(credentials, args.export_certificate))
+    imported, skipped = _import_entries(database, topic, config)
+    print(f"Imported {imported} registration(s) from {args.database}, topic {topic}.")
+    if skipped:
+        print(f"Skipped {len(skipped)}:")
+        for reason in skipped:
+            print(f"  {reason}")
+    return 0
+
+
+def _import_entries(
+    database: xapsd_import.Database, topic: str, config: Config
+) -> tuple[int, list[str]]:
+    """Store xapsd's registrations that are still alive; the count, and why others were not."""
     keys = UserKeys(config.username_format, config.default_domain)
     now = time.time()
     imported, skipped = 0, list(database.skipped)
+    path = Path(config.database) if "://" not in config.database else None
+    created = path is not None and not path.exists()
+    if created:
+        assert path is not None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ownership = service_files.ownership_for(path)
     store = open_store(config.database)
     try:
         for entry in database.entries:
             username = keys.key(entry.username)
-            known = {d.key for d in store.devices(username)}
-            if (username, entry.account_id, entry.device_token) in known:
+            what = f"user {entry.username!r} account {entry.account_id!r}"
+            registered_at = entry.registered_at or now
+            if now - registered_at > config.registration_ttl:
                 skipped.append(
-                    f"user {entry.username!r} account {entry.account_id!r}: already registered"
+                    f"{what}: last registered {iso(registered_at)[:10]}, longer ago than"
+                    f" registration_ttl ({config.registration_ttl / 86400:g} days); the device"
+                    " registers again when Mail next connects"
                 )
+                continue
+            present = [d for d in store.devices(username) if d.account_id == entry.account_id]
+            if any(d.device_token == entry.device_token for d in present):
+                skipped.append(f"{what}: already registered")
+                continue
+            if any(d.registered_at >= registered_at for d in present):
+                # The device registered with dovenotify since: xapsd's token is the old one.
+                skipped.append(f"{what}: registered with dovenotify since, under a newer token")
                 continue
             store.register(
                 Registration(
@@ -352,18 +391,37 @@ def _import_xapsd(args: argparse.Namespace) -> int:
                     device_token=entry.device_token,
                     topic=topic,
                     mailboxes=entry.mailboxes,
-                    registered_at=entry.registered_at or now,
+                    registered_at=registered_at,
                 )
             )
             imported += 1
     finally:
         store.close()
-    print(f"Imported {imported} registration(s) from {args.database}, topic {topic}.")
-    if skipped:
-        print(f"Skipped {len(skipped)}:")
-        for reason in skipped:
-            print(f"  {reason}")
-    return 0
+    if created:
+        assert path is not None
+        # Made by root here; the service, running as its own user, must write it.
+        for made in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+            if made.exists():
+                service_files.adopt(made, ownership)
+    return imported, skipped
+
+
+def _export(credentials: Credentials | None, target: Path) -> str:
+    from .cli import UsageError
+
+    if credentials is None:
+        raise UsageError(
+            f"--export-certificate {target}: xapsd's files hold no certificate to export"
+        )
+    try:
+        ownership = service_files.write(target, credentials.pem())
+    except OSError as error:
+        raise UsageError(f"cannot write {target}: {error}") from None
+    expired = " (expired)" if credentials.is_expired() else ""
+    return (
+        f"Wrote xapsd's certificate for {credentials.topic}{expired}, expiring"
+        f" {credentials.not_after:%Y-%m-%d}, with its key to {target} ({ownership.describe()})."
+    )
 
 
 def _install_for_import(
@@ -404,8 +462,8 @@ def _install_for_import(
             print(
                 f"Left {apns.certificate} as it is: it holds another certificate."
                 f" To use xapsd's ({credentials.topic}, expires"
-                f" {credentials.not_after:%Y-%m-%d}), export it and run"
-                " `dovenotify cert import`."
+                f" {credentials.not_after:%Y-%m-%d}), write it to a file with"
+                " --export-certificate FILE, then run `dovenotify cert import FILE`."
             )
         return credentials.topic
     if credentials.is_expired():

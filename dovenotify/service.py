@@ -508,8 +508,9 @@ async def serve(config: Config) -> None:
                 auth.describe(),
                 config.apns.endpoint,
             )
-            notify_ready()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                # Ready only once signals are ours: a reload right after start is not lost.
+                notify_ready()
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         await service.reload()

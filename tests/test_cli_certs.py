@@ -7,12 +7,16 @@ certificates and made-up tokens; no real data.
 from __future__ import annotations
 
 import base64
+import grp
 import json
+import os
+import pwd
 import shutil
+import signal
 import stat
 import subprocess
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,8 @@ from dovenotify.certificates import load_credentials
 from dovenotify.store import Registration, SQLiteStore
 from tests.harness.apns_standin import Answer, ApnsStandin, RecordedRequest
 from tests.harness.certs import P12_PASSWORD, ClientCert, Pki
-from tests.harness.service import dovenotify_command
+from tests.harness.dovecot import make_root
+from tests.harness.service import dovenotify_command, run_service
 
 TOKENS = [f"{n:02x}" * 32 for n in range(0xB0, 0xB4)]  # made up
 ACCOUNTS = [
@@ -296,6 +301,11 @@ def apple_certs(mail: ClientCert, others: list[ClientCert]) -> dict[str, Any]:
     return {"Signature": signature, "Keys": keys}
 
 
+# As Go writes it: nanoseconds and the server's offset; two days ago.
+RECENT_AT = datetime.fromtimestamp(time.time() - 2 * 86400, timezone(timedelta(hours=1)))
+RECENT = RECENT_AT.strftime("%Y-%m-%dT%H:%M:%S.123456789+01:00")
+
+
 def xapsd_database(path: Path, apple: dict[str, Any] | None) -> Path:
     document: dict[str, Any] = {
         "Users": {
@@ -304,7 +314,7 @@ def xapsd_database(path: Path, apple: dict[str, Any] | None) -> Path:
                     ACCOUNTS[0]: {
                         "DeviceToken": TOKENS[0],
                         "Mailboxes": ["INBOX", "Notes"],
-                        "RegistrationTime": "2022-03-02T09:47:54.855456616+01:00",
+                        "RegistrationTime": RECENT,
                     },
                     ACCOUNTS[1]: {
                         "DeviceToken": TOKENS[1],
@@ -315,6 +325,15 @@ def xapsd_database(path: Path, apple: dict[str, Any] | None) -> Path:
             },
             "Bob": {"Accounts": {ACCOUNTS[2]: {"DeviceToken": TOKENS[2]}}},
             "carol": {"Accounts": {ACCOUNTS[0]: {"DeviceToken": "not-a-token"}}},
+            # Past registration_ttl (30 days): the device has not connected since.
+            "dave": {
+                "Accounts": {
+                    ACCOUNTS[1]: {
+                        "DeviceToken": TOKENS[3],
+                        "RegistrationTime": "2022-03-02T09:47:54.855456616+01:00",
+                    }
+                }
+            },
         }
     }
     if apple is not None:
@@ -335,8 +354,12 @@ def test_import_xapsd_with_apple_certs(test_pki: Pki, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     topic = test_pki.client.topic
     assert f"Imported 3 registration(s) from {database}, topic {topic}." in result.stdout
-    assert "Skipped 1:" in result.stdout
+    assert "Skipped 2:" in result.stdout
     assert "user 'carol'" in result.stdout and "'not-a-token' is not hex" in result.stdout
+    assert (
+        f"user 'dave' account '{ACCOUNTS[1]}': last registered 2022-03-02, longer ago than"
+        " registration_ttl (30 days)" in result.stdout
+    )
     # The mail pair (index 2) is the one installed, readable by root only.
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert load_credentials(target).topic == topic
@@ -348,7 +371,7 @@ def test_import_xapsd_with_apple_certs(test_pki: Pki, tmp_path: Path) -> None:
         ("bob", TOKENS[2]),
     }
     kept = listed[("alice@example.org", TOKENS[0])]
-    assert kept["registered_at"] == "2022-03-02T08:47:54+00:00"
+    assert kept["registered_at"] == f"{RECENT_AT.astimezone(UTC):%Y-%m-%dT%H:%M:%S+00:00}"
     assert kept["mailboxes"] == ["INBOX", "Notes"]
     assert kept["topic"] == topic
     for zero_or_missing in (("alice@example.org", TOKENS[1]), ("bob", TOKENS[2])):
@@ -414,3 +437,185 @@ def test_import_xapsd_names_a_broken_database(tmp_path: Path) -> None:
     result = run("import-xapsd", "--database", str(database), "--config", str(config))
     assert result.returncode == 2
     assert result.stderr.startswith(f"dovenotify: {database}: not xapsd's database.json")
+
+
+def test_import_xapsd_keeps_out_a_token_the_device_has_replaced(
+    test_pki: Pki, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, {"certificate": str(test_pki.client.combined_pem)})
+    # Since xapsd last saw it, alice's phone registered with dovenotify, new token.
+    store = SQLiteStore(tmp_path / "registrations.sqlite")
+    topic = test_pki.client.topic
+    store.register(Registration("alice@example.org", ACCOUNTS[0], TOKENS[3], topic, ("INBOX",)))
+    store.close()
+    database = xapsd_database(tmp_path / "database.json", None)
+    result = run("import-xapsd", "--database", str(database), "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "Imported 2 registration(s)" in result.stdout
+    assert (
+        f"user 'alice@example.org' account '{ACCOUNTS[0]}': registered with dovenotify"
+        " since, under a newer token" in result.stdout
+    )
+    tokens = {d["device_token"] for d in devices(config) if d["account_id"] == ACCOUNTS[0]}
+    assert tokens == {TOKENS[3]}
+
+
+def test_import_xapsd_exports_apple_certs_beside_a_certificate_in_place(
+    test_pki: Pki, tmp_path: Path
+) -> None:
+    in_place = tmp_path / "push.pem"
+    shutil.copyfile(test_pki.client_with_topics.combined_pem, in_place)
+    config = write_config(tmp_path, {"certificate": str(in_place)})
+    others = [test_pki.client_with_topics, test_pki.client_expiring] * 2
+    database = xapsd_database(tmp_path / "database.json", apple_certs(test_pki.client, others))
+    exported = tmp_path / "xapsd-push.pem"
+    result = run(
+        "import-xapsd",
+        "--database",
+        str(database),
+        "--export-certificate",
+        str(exported),
+        "--config",
+        str(config),
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"Left {in_place} as it is: it holds another certificate." in result.stdout
+    assert f"with its key to {exported} (root:root, mode 0600)" in result.stdout
+    assert load_credentials(exported).topic == test_pki.client.topic
+    assert in_place.read_bytes() == test_pki.client_with_topics.combined_pem.read_bytes()
+    # What was exported is what `cert import` takes.
+    assert run("cert", "show", str(exported)).returncode == 0
+
+
+def test_import_xapsd_names_a_database_nested_too_deeply(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {})
+    database = tmp_path / "database.json"
+    database.write_text('{"Users": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    result = run("import-xapsd", "--database", str(database), "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"dovenotify: {database}: not xapsd's database.json"
+        " (its JSON is nested too deeply to read)\n"
+    )
+
+
+def test_import_xapsd_refuses_a_list_where_xapsd_yaml_has_a_value(tmp_path: Path) -> None:
+    config = write_config(tmp_path, {})
+    database = xapsd_database(tmp_path / "database.json", None)
+    xapsd_yaml = tmp_path / "xapsd.yaml"
+    xapsd_yaml.write_text(
+        "keyFileP8: AuthKey.p8\nkeyFileTopic: com.apple.mobilemail.push.org.example\n"
+        "keyFileKeyId: [1]\nkeyFileTeamId: 1234567890\n"
+    )
+    result = run(
+        "import-xapsd",
+        "--database",
+        str(database),
+        "--xapsd-config",
+        str(xapsd_yaml),
+        "--config",
+        str(config),
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"dovenotify: {xapsd_yaml}: keyFileKeyId must be a single name or value, not a list ([1])\n"
+    )
+    assert not (tmp_path / "registrations.sqlite").exists()
+
+
+# --- files the service reads, with the service as its own user ----------------------
+
+SERVICE_USER = "nobody"
+
+
+def service_layout(test_pki: Pki, standin_url: str) -> tuple[Path, dict[str, Any]]:
+    """Directories as the install sets them up for a service user: the certificate's
+    root:<service group> 0750, the state directory the service user's own."""
+    entry = pwd.getpwnam(SERVICE_USER)
+    root = make_root("dovenotify-files-")
+    etc, state = root / "etc", root / "state"
+    etc.mkdir(mode=0o750)
+    os.chown(etc, 0, entry.pw_gid)
+    state.mkdir(mode=0o750)
+    os.chown(state, entry.pw_uid, entry.pw_gid)
+    shutil.copyfile(test_pki.ca_file, etc / "ca.pem")
+    os.chown(etc / "ca.pem", 0, entry.pw_gid)
+    settings = {
+        "database": str(state / "registrations.sqlite"),
+        "event_socket": str(state / "events.sock"),
+        "relay_socket": str(state / "relay.sock"),
+        "event_spool": str(state / "events.spool"),
+        "apns": {
+            "certificate": str(etc / "push.pem"),
+            "endpoint": standin_url,
+            "ca_file": str(etc / "ca.pem"),
+        },
+    }
+    return root, settings
+
+
+def owner(path: Path) -> tuple[str, str, int]:
+    st = path.stat()
+    return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o777
+
+
+async def test_cert_import_keeps_the_service_user_able_to_reload(
+    test_pki: Pki, apns_standin: ApnsStandin
+) -> None:
+    root, settings = service_layout(test_pki, apns_standin.url)
+    group = grp.getgrgid(pwd.getpwnam(SERVICE_USER).pw_gid).gr_name
+    try:
+        certificate = Path(settings["apns"]["certificate"])
+        shutil.copyfile(test_pki.client.combined_pem, certificate)
+        os.chown(certificate, 0, pwd.getpwnam(SERVICE_USER).pw_gid)
+        certificate.chmod(0o640)
+        async with run_service(root / "service", settings, user=SERVICE_USER) as service:
+            result = run(
+                "cert",
+                "import",
+                str(test_pki.client_with_topics.p12),
+                "--config",
+                str(service.config_path),
+            )
+            assert result.returncode == 0, result.stderr
+            assert f"{certificate} (root:{group}, mode 0640)" in result.stdout
+            assert owner(certificate) == ("root", group, 0o640)
+
+            service.process.send_signal(signal.SIGHUP)
+            topic = test_pki.client_with_topics.topic
+            await service.wait_for_log(
+                f"reloaded: now using certificate {certificate}, topic {topic}"
+            )
+            assert "reload failed" not in service.log_text()
+    finally:
+        shutil.rmtree(root)
+
+
+async def test_import_xapsd_writes_files_the_service_user_can_use(
+    test_pki: Pki, apns_standin: ApnsStandin
+) -> None:
+    root, settings = service_layout(test_pki, apns_standin.url)
+    group = grp.getgrgid(pwd.getpwnam(SERVICE_USER).pw_gid).gr_name
+    try:
+        config = root / "import.yaml"
+        config.write_text(yaml.safe_dump(settings))
+        others = [test_pki.client_with_topics, test_pki.client_expiring] * 2
+        database = xapsd_database(root / "database.json", apple_certs(test_pki.client, others))
+        result = run("import-xapsd", "--database", str(database), "--config", str(config))
+        assert result.returncode == 0, result.stderr
+        assert "Imported 3 registration(s)" in result.stdout
+        # New files: the certificate takes its directory's group, the database its
+        # directory's owner, as the service needs to read one and write the other.
+        certificate = Path(settings["apns"]["certificate"])
+        assert owner(certificate) == ("root", group, 0o640)
+        assert owner(Path(settings["database"])) == (SERVICE_USER, group, 0o640)
+
+        async with run_service(root / "service", settings, user=SERVICE_USER) as service:
+            # The service, as its own user, opens the database and reloads the certificate.
+            service.process.send_signal(signal.SIGHUP)
+            await service.wait_for_log(f"reloaded: now using certificate {certificate}")
+        assert "Permission denied" not in service.log_text()
+        assert "readonly" not in service.log_text()
+        assert len(devices(config)) == 3
+    finally:
+        shutil.rmtree(root)

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ import trio
 import yaml
 
 STARTUP_TIMEOUT = 15.0
+SYSTEM_PYTHON = "/usr/bin/python3"
 STOP_TIMEOUT = 15.0
 
 
@@ -87,13 +89,15 @@ async def run_service(
     with trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         await notify.bind(str(notify_path))
         as_user: dict[str, Any] = {}
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        program = dovenotify_command()
         if user is not None:
             notify_path.chmod(0o666)
             as_user = {"user": user, "group": pwd.getpwnam(user).pw_gid, "extra_groups": []}
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+            program, env = _runnable_by_others(program, env)
         with log_path.open("ab") as log:
             process = await trio.lowlevel.open_process(
-                [*dovenotify_command(), command, "--config", str(config_path), *extra_args],
+                [*program, command, "--config", str(config_path), *extra_args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -116,6 +120,28 @@ async def run_service(
         yield service
     finally:
         await service.stop()
+
+
+def _runnable_by_others(
+    program: list[str], env: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
+    """The installed package run by a Python any user may execute.
+
+    A Python installed under a private home (pyenv in /root) cannot be run by a
+    service user; the system's Python of the same version runs the installed
+    package from this environment's site-packages instead, as a service user would
+    run it from a system-wide install.
+    """
+    system = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if system.stdout.strip() != str(sys.version_info[:2]):
+        return program, env
+    site_packages = sysconfig.get_paths()["purelib"]
+    return [SYSTEM_PYTHON, "-m", "dovenotify"], {**env, "PYTHONPATH": site_packages}
 
 
 async def _exited_early(service: RunningService, scope: trio.CancelScope) -> None:

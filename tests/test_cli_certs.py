@@ -29,8 +29,13 @@ from dovenotify.certificates import load_credentials
 from dovenotify.store import Registration, SQLiteStore
 from tests.harness.apns_standin import Answer, ApnsStandin, RecordedRequest
 from tests.harness.certs import P12_PASSWORD, ClientCert, Pki
-from tests.harness.dovecot import make_root
-from tests.harness.service import dovenotify_command, run_service
+from tests.harness.service import (
+    SERVICE_USER,
+    dovenotify_command,
+    owner,
+    run_service,
+    service_layout,
+)
 
 TOKENS = [f"{n:02x}" * 32 for n in range(0xB0, 0xB4)]  # made up
 ACCOUNTS = [
@@ -524,39 +529,6 @@ def test_import_xapsd_refuses_a_list_where_xapsd_yaml_has_a_value(tmp_path: Path
 
 
 # --- files the service reads, with the service as its own user ----------------------
-
-SERVICE_USER = "nobody"
-
-
-def service_layout(test_pki: Pki, standin_url: str) -> tuple[Path, dict[str, Any]]:
-    """Directories as the install sets them up for a service user: the certificate's
-    root:<service group> 0750, the state directory the service user's own."""
-    entry = pwd.getpwnam(SERVICE_USER)
-    root = make_root("dovenotify-files-")
-    etc, state = root / "etc", root / "state"
-    etc.mkdir(mode=0o750)
-    os.chown(etc, 0, entry.pw_gid)
-    state.mkdir(mode=0o750)
-    os.chown(state, entry.pw_uid, entry.pw_gid)
-    shutil.copyfile(test_pki.ca_file, etc / "ca.pem")
-    os.chown(etc / "ca.pem", 0, entry.pw_gid)
-    settings = {
-        "database": str(state / "registrations.sqlite"),
-        "event_socket": str(state / "events.sock"),
-        "relay_socket": str(state / "relay.sock"),
-        "event_spool": str(state / "events.spool"),
-        "apns": {
-            "certificate": str(etc / "push.pem"),
-            "endpoint": standin_url,
-            "ca_file": str(etc / "ca.pem"),
-        },
-    }
-    return root, settings
-
-
-def owner(path: Path) -> tuple[str, str, int]:
-    st = path.stat()
-    return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o777
 
 
 async def test_cert_import_keeps_the_service_user_able_to_reload(

@@ -8,6 +8,7 @@ instead of polling for sockets.
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import shutil
@@ -24,6 +25,9 @@ from typing import Any
 import attrs
 import trio
 import yaml
+
+from tests.harness.certs import Pki
+from tests.harness.dovecot import make_root
 
 STARTUP_TIMEOUT = 15.0
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -150,3 +154,39 @@ async def _exited_early(service: RunningService, scope: trio.CancelScope) -> Non
         f"dovenotify exited with {service.process.returncode} before it was ready:\n"
         + service.log_text()
     )
+
+
+# --- the service as its own user ------------------------------------------------------
+
+SERVICE_USER = "nobody"
+
+
+def service_layout(test_pki: Pki, standin_url: str) -> tuple[Path, dict[str, Any]]:
+    """Directories as the install sets them up for a service user: the certificate's
+    root:<service group> 0750, the state directory the service user's own."""
+    entry = pwd.getpwnam(SERVICE_USER)
+    root = make_root("dovenotify-files-")
+    etc, state = root / "etc", root / "state"
+    etc.mkdir(mode=0o750)
+    os.chown(etc, 0, entry.pw_gid)
+    state.mkdir(mode=0o750)
+    os.chown(state, entry.pw_uid, entry.pw_gid)
+    shutil.copyfile(test_pki.ca_file, etc / "ca.pem")
+    os.chown(etc / "ca.pem", 0, entry.pw_gid)
+    settings = {
+        "database": str(state / "registrations.sqlite"),
+        "event_socket": str(state / "events.sock"),
+        "relay_socket": str(state / "relay.sock"),
+        "event_spool": str(state / "events.spool"),
+        "apns": {
+            "certificate": str(etc / "push.pem"),
+            "endpoint": standin_url,
+            "ca_file": str(etc / "ca.pem"),
+        },
+    }
+    return root, settings
+
+
+def owner(path: Path) -> tuple[str, str, int]:
+    st = path.stat()
+    return pwd.getpwuid(st.st_uid).pw_name, grp.getgrgid(st.st_gid).gr_name, st.st_mode & 0o777

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import grp
 import json
-import os
 import pwd
 import shutil
 import signal
@@ -62,6 +61,10 @@ def write_config(tmp_path: Path, apns: dict[str, Any]) -> Path:
         )
     )
     return path
+
+
+def import_xapsd(database: Path, config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run("import-xapsd", "--database", str(database), *args, "--config", str(config))
 
 
 def devices(config: Path) -> list[dict[str, Any]]:
@@ -355,7 +358,7 @@ def test_import_xapsd_with_apple_certs(test_pki: Pki, tmp_path: Path) -> None:
     database = xapsd_database(tmp_path / "database.json", apple_certs(test_pki.client, others))
 
     before = time.time()
-    result = run("import-xapsd", "--database", str(database), "--config", str(config))
+    result = import_xapsd(database, config)
     assert result.returncode == 0, result.stderr
     topic = test_pki.client.topic
     assert f"Imported 3 registration(s) from {database}, topic {topic}." in result.stdout
@@ -385,7 +388,7 @@ def test_import_xapsd_with_apple_certs(test_pki: Pki, tmp_path: Path) -> None:
     assert listed[("bob", TOKENS[2])]["mailboxes"] == ["INBOX"]
 
     # Again: nothing changes, and it says so.
-    again = run("import-xapsd", "--database", str(database), "--config", str(config))
+    again = import_xapsd(database, config)
     assert again.returncode == 0, again.stderr
     assert "Imported 0 registration(s)" in again.stdout
     assert again.stdout.count("already registered") == 3
@@ -408,16 +411,13 @@ def test_import_xapsd_without_apple_certs_takes_the_p12_named_in_xapsd_yaml(
     target = tmp_path / "push.pem"
     config = write_config(tmp_path, {"certificate": str(target)})
     database = xapsd_database(tmp_path / "database.json", None)
-    result = run(
-        "import-xapsd",
-        "--database",
-        str(database),
+    result = import_xapsd(
+        database,
+        config,
         "--xapsd-config",
         str(xapsd_yaml),
         "--xapsd-dir",
         str(xapsd_dir),
-        "--config",
-        str(config),
     )
     assert result.returncode == 0, result.stderr
     assert "Imported 3 registration(s)" in result.stdout
@@ -430,7 +430,7 @@ def test_import_xapsd_without_any_certificate_uses_the_configured_one(
 ) -> None:
     config = write_config(tmp_path, {"certificate": str(test_pki.client_with_topics.p12)})
     database = xapsd_database(tmp_path / "database.json", None)
-    result = run("import-xapsd", "--database", str(database), "--config", str(config))
+    result = import_xapsd(database, config)
     assert result.returncode == 0, result.stderr
     assert {d["topic"] for d in devices(config)} == {test_pki.client_with_topics.topic}
 
@@ -439,7 +439,7 @@ def test_import_xapsd_names_a_broken_database(tmp_path: Path) -> None:
     config = write_config(tmp_path, {})
     database = tmp_path / "database.json"
     database.write_text("{not json")
-    result = run("import-xapsd", "--database", str(database), "--config", str(config))
+    result = import_xapsd(database, config)
     assert result.returncode == 2
     assert result.stderr.startswith(f"dovenotify: {database}: not xapsd's database.json")
 
@@ -454,7 +454,7 @@ def test_import_xapsd_keeps_out_a_token_the_device_has_replaced(
     store.register(Registration("alice@example.org", ACCOUNTS[0], TOKENS[3], topic, ("INBOX",)))
     store.close()
     database = xapsd_database(tmp_path / "database.json", None)
-    result = run("import-xapsd", "--database", str(database), "--config", str(config))
+    result = import_xapsd(database, config)
     assert result.returncode == 0, result.stderr
     assert "Imported 2 registration(s)" in result.stdout
     assert (
@@ -474,14 +474,11 @@ def test_import_xapsd_exports_apple_certs_beside_a_certificate_in_place(
     others = [test_pki.client_with_topics, test_pki.client_expiring] * 2
     database = xapsd_database(tmp_path / "database.json", apple_certs(test_pki.client, others))
     exported = tmp_path / "xapsd-push.pem"
-    result = run(
-        "import-xapsd",
-        "--database",
-        str(database),
+    result = import_xapsd(
+        database,
+        config,
         "--export-certificate",
         str(exported),
-        "--config",
-        str(config),
     )
     assert result.returncode == 0, result.stderr
     assert f"Left {in_place} as it is: it holds another certificate." in result.stdout
@@ -496,7 +493,7 @@ def test_import_xapsd_names_a_database_nested_too_deeply(tmp_path: Path) -> None
     config = write_config(tmp_path, {})
     database = tmp_path / "database.json"
     database.write_text('{"Users": ' + "[" * 100_000 + "]" * 100_000 + "}")
-    result = run("import-xapsd", "--database", str(database), "--config", str(config))
+    result = import_xapsd(database, config)
     assert result.returncode == 2
     assert result.stderr == (
         f"dovenotify: {database}: not xapsd's database.json"
@@ -512,14 +509,11 @@ def test_import_xapsd_refuses_a_list_where_xapsd_yaml_has_a_value(tmp_path: Path
         "keyFileP8: AuthKey.p8\nkeyFileTopic: com.apple.mobilemail.push.org.example\n"
         "keyFileKeyId: [1]\nkeyFileTeamId: 1234567890\n"
     )
-    result = run(
-        "import-xapsd",
-        "--database",
-        str(database),
+    result = import_xapsd(
+        database,
+        config,
         "--xapsd-config",
         str(xapsd_yaml),
-        "--config",
-        str(config),
     )
     assert result.returncode == 2
     assert result.stderr == (
@@ -534,21 +528,13 @@ def test_import_xapsd_refuses_a_list_where_xapsd_yaml_has_a_value(tmp_path: Path
 async def test_cert_import_keeps_the_service_user_able_to_reload(
     test_pki: Pki, apns_standin: ApnsStandin
 ) -> None:
-    root, settings = service_layout(test_pki, apns_standin.url)
+    root, settings = service_layout(test_pki, apns_standin.url, test_pki.client.combined_pem)
     group = grp.getgrgid(pwd.getpwnam(SERVICE_USER).pw_gid).gr_name
     try:
         certificate = Path(settings["apns"]["certificate"])
-        shutil.copyfile(test_pki.client.combined_pem, certificate)
-        os.chown(certificate, 0, pwd.getpwnam(SERVICE_USER).pw_gid)
-        certificate.chmod(0o640)
         async with run_service(root / "service", settings, user=SERVICE_USER) as service:
-            result = run(
-                "cert",
-                "import",
-                str(test_pki.client_with_topics.p12),
-                "--config",
-                str(service.config_path),
-            )
+            renewal = str(test_pki.client_with_topics.p12)
+            result = run("cert", "import", renewal, "--config", str(service.config_path))
             assert result.returncode == 0, result.stderr
             assert f"{certificate} (root:{group}, mode 0640)" in result.stdout
             assert owner(certificate) == ("root", group, 0o640)
@@ -573,7 +559,7 @@ async def test_import_xapsd_writes_files_the_service_user_can_use(
         config.write_text(yaml.safe_dump(settings))
         others = [test_pki.client_with_topics, test_pki.client_expiring] * 2
         database = xapsd_database(root / "database.json", apple_certs(test_pki.client, others))
-        result = run("import-xapsd", "--database", str(database), "--config", str(config))
+        result = import_xapsd(database, config)
         assert result.returncode == 0, result.stderr
         assert "Imported 3 registration(s)" in result.stdout
         # New files: the certificate takes its directory's group, the database its

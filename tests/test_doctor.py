@@ -4,7 +4,6 @@ breakage named with its fix."""
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shlex
 import shutil
@@ -333,12 +332,9 @@ async def test_doctor_tells_dns_from_refused_from_the_certificate(
 async def test_doctor_checks_the_certificate_as_the_service_user(
     test_pki: Pki, apns_standin: ApnsStandin
 ) -> None:
-    root, settings = service_layout(test_pki, apns_standin.url)
+    root, settings = service_layout(test_pki, apns_standin.url, test_pki.client.combined_pem)
     try:
         certificate = Path(settings["apns"]["certificate"])
-        shutil.copyfile(test_pki.client.combined_pem, certificate)
-        os.chown(certificate, 0, pwd.getpwnam(SERVICE_USER).pw_gid)
-        certificate.chmod(0o640)
         async with run_service(root / "service", settings, user=SERVICE_USER) as service:
             config = service.config_path
             nowhere = Path("/nonexistent/dovecot.conf")

@@ -161,9 +161,12 @@ async def _exited_early(service: RunningService, scope: trio.CancelScope) -> Non
 SERVICE_USER = "nobody"
 
 
-def service_layout(test_pki: Pki, standin_url: str) -> tuple[Path, dict[str, Any]]:
+def service_layout(
+    test_pki: Pki, standin_url: str, certificate: Path | None = None
+) -> tuple[Path, dict[str, Any]]:
     """Directories as the install sets them up for a service user: the certificate's
-    root:<service group> 0750, the state directory the service user's own."""
+    root:<service group> 0750, the state directory the service user's own. A
+    `certificate` given is installed root:<service group> 0640."""
     entry = pwd.getpwnam(SERVICE_USER)
     root = make_root("dovenotify-files-")
     etc, state = root / "etc", root / "state"
@@ -173,6 +176,10 @@ def service_layout(test_pki: Pki, standin_url: str) -> tuple[Path, dict[str, Any
     os.chown(state, entry.pw_uid, entry.pw_gid)
     shutil.copyfile(test_pki.ca_file, etc / "ca.pem")
     os.chown(etc / "ca.pem", 0, entry.pw_gid)
+    if certificate is not None:
+        shutil.copyfile(certificate, etc / "push.pem")
+        os.chown(etc / "push.pem", 0, entry.pw_gid)
+        (etc / "push.pem").chmod(0o640)
     settings = {
         "database": str(state / "registrations.sqlite"),
         "event_socket": str(state / "events.sock"),

@@ -357,12 +357,12 @@ def _import_entries(
     keys = UserKeys(config.username_format, config.default_domain)
     now = time.time()
     imported, skipped = 0, list(database.skipped)
-    path = Path(config.database) if "://" not in config.database else None
-    created = path is not None and not path.exists()
-    if created:
-        assert path is not None
+    # A database made here (as root) must be the service's, which writes it.
+    created: tuple[Path, service_files.Ownership] | None = None
+    if "://" not in config.database and not Path(config.database).exists():
+        path = Path(config.database)
         path.parent.mkdir(parents=True, exist_ok=True)
-        ownership = service_files.ownership_for(path)
+        created = path, service_files.ownership_for(path)
     store = open_store(config.database)
     try:
         for entry in database.entries:
@@ -380,7 +380,10 @@ def _import_entries(
             if any(d.device_token == entry.device_token for d in present):
                 skipped.append(f"{what}: already registered")
                 continue
-            if any(d.registered_at >= registered_at for d in present):
+            if present and (
+                entry.registered_at is None
+                or any(d.registered_at >= entry.registered_at for d in present)
+            ):
                 # The device registered with dovenotify since: xapsd's token is the old one.
                 skipped.append(f"{what}: registered with dovenotify since, under a newer token")
                 continue
@@ -397,9 +400,8 @@ def _import_entries(
             imported += 1
     finally:
         store.close()
-    if created:
-        assert path is not None
-        # Made by root here; the service, running as its own user, must write it.
+    if created is not None:
+        path, ownership = created
         for made in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
             if made.exists():
                 service_files.adopt(made, ownership)

@@ -452,17 +452,20 @@ def test_import_xapsd_keeps_out_a_token_the_device_has_replaced(
     store = SQLiteStore(tmp_path / "registrations.sqlite")
     topic = test_pki.client.topic
     store.register(Registration("alice@example.org", ACCOUNTS[0], TOKENS[3], topic, ("INBOX",)))
+    # xapsd kept no time for bob's: any registration with dovenotify is newer.
+    store.register(Registration("bob", ACCOUNTS[2], TOKENS[3], topic, ("INBOX",)))
     store.close()
     database = xapsd_database(tmp_path / "database.json", None)
     result = import_xapsd(database, config)
     assert result.returncode == 0, result.stderr
-    assert "Imported 2 registration(s)" in result.stdout
-    assert (
-        f"user 'alice@example.org' account '{ACCOUNTS[0]}': registered with dovenotify"
-        " since, under a newer token" in result.stdout
-    )
-    tokens = {d["device_token"] for d in devices(config) if d["account_id"] == ACCOUNTS[0]}
-    assert tokens == {TOKENS[3]}
+    assert "Imported 1 registration(s)" in result.stdout
+    for user, account in (("alice@example.org", ACCOUNTS[0]), ("bob", ACCOUNTS[2])):
+        assert (
+            f"user '{user}' account '{account}': registered with dovenotify"
+            " since, under a newer token" in result.stdout
+        )
+    tokens = {(d["account_id"], d["device_token"]) for d in devices(config)}
+    assert tokens == {(ACCOUNTS[0], TOKENS[3]), (ACCOUNTS[1], TOKENS[1]), (ACCOUNTS[2], TOKENS[3])}
 
 
 def test_import_xapsd_exports_apple_certs_beside_a_certificate_in_place(

@@ -114,8 +114,8 @@ def check_certificate(f: Findings) -> Verdict:
     except (certificates.CertificateError, OSError) as e:
         return Verdict("certificate", False, str(e), _credentials_fix(f.config.apns))
     user = service_user(f.config)
-    unreadable = as_user(user, lambda: unreadable_file(credential_files(f.config)))
-    if unreadable:
+    config = f.config
+    if unreadable := as_service_user(user, lambda: unreadable_file(credential_files(config))):
         return Verdict(
             "certificate",
             False,
@@ -309,7 +309,7 @@ def check_registrations(f: Findings) -> Verdict:
         return Verdict("registrations", False, str(e), "check database in the configuration")
     if "://" not in database:
         user = service_user(f.config)
-        if problem := as_user(user, lambda: unwritable_file(Path(database))):
+        if problem := as_service_user(user, lambda: unwritable_file(Path(database))):
             return Verdict(
                 "registrations",
                 False,
@@ -588,6 +588,14 @@ def service_user(config: configuration.Config) -> str:
         except OSError:
             continue
     return SERVICE_USER if _exists(SERVICE_USER) else _name(os.geteuid())
+
+
+def as_service_user(user: str, work: Callable[[], str | None]) -> str | None:
+    """`work`'s answer as `user`; None when this doctor cannot act as them (not root):
+    the checks done as root stand then."""
+    if os.geteuid() != 0 and user != _name(os.geteuid()):
+        return None
+    return as_user(user, work)
 
 
 def credential_files(config: configuration.Config) -> list[Path]:

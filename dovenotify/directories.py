@@ -47,7 +47,9 @@ def check(config: Config) -> None:
 def _problem(path: Path) -> str | None:
     if not path.is_dir():
         try:
-            path.mkdir(mode=RUN_MODE, parents=True)
+            path.mkdir(parents=True)
+            # Explicitly: the service runs with umask 077.
+            path.chmod(RUN_MODE)
         except OSError as e:
             return (
                 f"the directory {path} does not exist and {_me()} cannot create it "

@@ -116,9 +116,7 @@ def prepare_users(root: Path, users: str) -> None:
     else:
         run_in(root, ["useradd", "--system", "--uid", "5000", "--user-group", "vmail"])
         run_in(root, ["install", "-d", "-o", "vmail", "-g", "vmail", "/var/vmail"])
-        (root / "etc/dovecot/users").write_text(
-            "alice:{PLAIN}secret:5000:5000::/var/vmail/alice\n"
-        )
+        (root / "etc/dovecot/users").write_text("alice:{PLAIN}secret:5000:5000::/var/vmail/alice\n")
 
 
 # --- running things in the root -------------------------------------------------------

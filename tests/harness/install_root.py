@@ -33,9 +33,7 @@ PACKAGES = (
     "supervisor",
 )
 TARGETS = {
-    version: chroot.Target(
-        version, codename, PACKAGES, prefix="install-", keep_apt_lists=True
-    )
+    version: chroot.Target(version, codename, PACKAGES, prefix="install-", keep_apt_lists=True)
     for version, codename in (("2.3", "bookworm"), ("2.4", "trixie"))
 }
 

@@ -74,12 +74,15 @@ def _me(*, name_only: bool = False) -> str:
 
 def _owner(path: Path) -> str:
     st = path.stat()
-    try:
-        user = pwd.getpwuid(st.st_uid).pw_name
-    except KeyError:
-        user = str(st.st_uid)
-    try:
-        group = grp.getgrgid(st.st_gid).gr_name
-    except KeyError:
-        group = str(st.st_gid)
-    return f"owned by {user}:{group}, mode {st.st_mode & 0o7777:04o}"
+    return f"owned by {owner_names(st.st_uid, st.st_gid)}, mode {st.st_mode & 0o7777:04o}"
+
+
+def owner_names(uid: int, gid: int) -> str:
+    """`user:group`, with numbers for ids that have no name."""
+    names = []
+    for lookup, number in ((pwd.getpwuid, uid), (grp.getgrgid, gid)):
+        try:
+            names.append(lookup(number)[0])
+        except KeyError:
+            names.append(str(number))
+    return ":".join(names)

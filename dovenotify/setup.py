@@ -9,7 +9,6 @@ without either it says how to start the service.
 from __future__ import annotations
 
 import argparse
-import grp
 import os
 import pwd
 import shutil
@@ -219,7 +218,7 @@ def ensure_owner(path: Path, uid: int, gid: int, mode: int, report: Report) -> N
     st = path.stat()
     if (st.st_uid, st.st_gid) != (uid, gid):
         os.chown(path, uid, gid)
-        report.did(f"made {path} owned by {_name(uid)}:{_group(gid)}")
+        report.did(f"made {path} owned by {directories.owner_names(uid, gid)}")
     if st.st_mode & 0o7777 != mode:
         path.chmod(mode)
         report.did(f"set the mode of {path} to {mode:04o}")
@@ -319,17 +318,3 @@ def run(command: Sequence[str], *, check: bool = True) -> subprocess.CompletedPr
             f" {(result.stderr or result.stdout).strip()}"
         )
     return result
-
-
-def _name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)

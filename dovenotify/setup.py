@@ -168,7 +168,8 @@ def install_certificate(
     user: pwd.struct_passwd,
     report: Report,
 ) -> None:
-    """The certificate given, where the configuration says, readable by the service only."""
+    """The certificate given, where the configuration says: root's, readable by the service
+    (as the files `cert import` writes in /etc/dovenotify)."""
     target, target_key = config.apns.certificate, config.apns.key
     if certificate is None or target is None:
         return
@@ -181,7 +182,7 @@ def install_certificate(
         report.did(f"installed the certificate for {given.topic} in {target}")
     for path in (target, target_key):
         if path is not None:
-            ensure_owner(path, user.pw_uid, user.pw_gid, 0o600, report)
+            ensure_owner(path, 0, user.pw_gid, 0o640, report)
 
 
 def _same_credentials(given: certificates.Credentials, certificate: Path, key: Path | None) -> bool:

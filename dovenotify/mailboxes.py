@@ -103,3 +103,15 @@ def key(name: str) -> str:
     if name[:5].upper() == "INBOX" and (len(name) == 5 or not name[5].isalnum()):
         return "INBOX" + name[5:]
     return name
+
+
+def upgrade(stored: list[str]) -> list[str]:
+    """Names stored before dovenotify decoded them (as the client spelled them), in
+    UTF-8. A name that does not decode is kept as it is: it may be UTF-8 already."""
+    upgraded = []
+    for name in stored:
+        try:
+            upgraded.append(decode(name))
+        except MailboxNameError:
+            upgraded.append(name)
+    return list(dict.fromkeys(upgraded))

@@ -230,7 +230,7 @@ def xapsd_database(path: Path, apple: dict[str, Any] | None) -> Path:
                 "Accounts": {
                     ACCOUNTS[0]: {
                         "DeviceToken": TOKENS[0],
-                        "Mailboxes": ["INBOX", "Notes"],
+                        "Mailboxes": ["INBOX", "Notes", "Entw&APw-rfe"],
                         "RegistrationTime": "2022-03-02T09:47:54.855456616+01:00",
                     },
                     ACCOUNTS[1]: {
@@ -276,7 +276,7 @@ def test_import_xapsd_with_apple_certs(test_pki: Pki, tmp_path: Path) -> None:
     }
     kept = listed[("alice@example.org", TOKENS[0])]
     assert kept["registered_at"] == "2022-03-02T08:47:54+00:00"
-    assert kept["mailboxes"] == ["INBOX", "Notes"]
+    assert kept["mailboxes"] == ["INBOX", "Notes", "Entwürfe"]  # as Dovecot's events name it
     assert kept["topic"] == topic
     for zero_or_missing in (("alice@example.org", TOKENS[1]), ("bob", TOKENS[2])):
         registered = listed[zero_or_missing]["registered_at"]

@@ -11,8 +11,6 @@ was queued.
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
-
 import trio
 
 from tests.harness.dovecot import Dovecot, deliver, deliver_lda
@@ -49,17 +47,14 @@ async def test_folders_named_as_ios_spells_them_push_their_devices_only(test_pki
         ("Archiv/2026", "Archiv/2026"),
     ]
     conf = DETAIL_MAILBOX
-    async with (
-        run_stack(test_pki, TIMING, version=dovecot_version, dovecot_conf=conf) as stack,
-        AsyncExitStack() as sessions,
-    ):
+    async with run_stack(test_pki, TIMING, version=dovecot_version, dovecot_conf=conf) as stack:
         # Phones 1-4 as iOS registers (the helper checks each confirmation echoes
         # the spelling sent); phone 5 sends UTF-8 itself; phone 6 only INBOX.
         registrations = [*((n, [s]) for n, (s, _) in enumerate(folders, start=1))]
         registrations += [(5, ["Entwürfe"]), (6, ["INBOX"])]
         for n, mailboxes in registrations:
-            await sessions.enter_async_context(await register(stack, n, mailboxes))
-        admin = await sessions.enter_async_context(await stack.iphone())
+            await register(stack, n, mailboxes)
+        admin = await stack.iphone()
         # A malformed name is refused, with the reason, and nothing is stored.
         reply = await admin.xapplepushservice(account(7), token(7), ["INBOX", "Entw&APw"])
         assert (reply.untagged, reply.tagged) == (
@@ -82,14 +77,11 @@ async def test_folders_named_as_ios_spells_them_push_their_devices_only(test_pki
 
 async def test_a_dot_separator_and_inbox_subfolders(test_pki, dovecot_version):
     conf = DETAIL_MAILBOX + DOT_SEPARATOR
-    async with (
-        run_stack(test_pki, TIMING, version=dovecot_version, dovecot_conf=conf) as stack,
-        AsyncExitStack() as sessions,
-    ):
+    async with run_stack(test_pki, TIMING, version=dovecot_version, dovecot_conf=conf) as stack:
         # Dovecot upper-cases INBOX before its separator: its events say INBOX.Sub.
         for n, mailboxes in ((1, ["Archiv.2026"]), (2, ["inbox.Sub"]), (3, ["Archiv", "INBOX"])):
-            await sessions.enter_async_context(await register(stack, n, mailboxes))
-        admin = await sessions.enter_async_context(await stack.iphone())
+            await register(stack, n, mailboxes)
+        admin = await stack.iphone()
         await ok(admin, 'CREATE "Archiv.2026"')
         await ok(admin, 'CREATE "INBOX.Sub"')
         for spelled, phone in (("Archiv.2026", 1), ("INBOX.Sub", 2)):

@@ -28,7 +28,7 @@ import attrs
 from .dispatch import wants
 from .events import Event
 from .httpserver import Request, Response
-from .mailboxes import MailboxNameError, decode
+from .mailboxes import MailboxNameError, decode_all
 from .relay import store_registration
 from .store import Registration
 
@@ -99,15 +99,13 @@ def parse_register(body: bytes) -> Register:
     if not all(c in "0123456789abcdefABCDEF" for c in device_token):
         raise CompatError("ApsDeviceToken is not hexadecimal")
     assert mailboxes is not None
-    return Register(username.lower(), account_id, device_token.lower(), _folders(mailboxes))
-
-
-def _folders(mailboxes: tuple[str, ...]) -> tuple[str, ...]:
-    """The plugin passes the names on as iOS spelled them: stored in UTF-8, as the relay does."""
     try:
-        return tuple(dict.fromkeys(decode(m) for m in mailboxes))
+        # The plugin passes the names on as iOS spelled them: stored in UTF-8, as
+        # the relay does.
+        folders = decode_all(mailboxes)
     except MailboxNameError as e:
-        raise CompatError(f"Mailboxes: a name is not valid modified UTF-7: {e}") from None
+        raise CompatError(f"Mailboxes: {e}") from None
+    return Register(username.lower(), account_id, device_token.lower(), folders)
 
 
 def parse_notify(body: bytes) -> Notify:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Iterable
 
 # The modified BASE64 alphabet: "," instead of "/", no padding.
 _BASE64 = re.compile(r"[A-Za-z0-9+,]+")
@@ -76,6 +77,17 @@ def decode(name: str) -> str:
             raise MailboxNameError("it contains a control character")
         raise MailboxNameError(f"it is not in its canonical form, which is {encode(decoded)!r}")
     return decoded
+
+
+def decode_all(spelled: Iterable[str]) -> tuple[str, ...]:
+    """Each name decoded, duplicates dropped; MailboxNameError names the first malformed one."""
+    folders = []
+    for name in spelled:
+        try:
+            folders.append(decode(name))
+        except MailboxNameError as e:
+            raise MailboxNameError(f'"{name}" is not valid modified UTF-7: {e}') from None
+    return tuple(dict.fromkeys(folders))
 
 
 def _unshifted(encoded: str) -> str:

@@ -31,7 +31,7 @@ class Request:
     account_id: str
     device_token: str
     subtopic: str
-    # As the client spelled them (modified UTF-7), for the confirmation it expects.
+    # As the client spelled them, for the confirmation it expects.
     mailboxes: tuple[str, ...]
     # The same in UTF-8, as Dovecot's events name them: what is stored and compared.
     folders: tuple[str, ...]
@@ -79,17 +79,11 @@ def _request(given: dict[str, Value]) -> Request:
     if not all(isinstance(m, str) and m for m in mailboxes):
         raise XapsError("mailboxes must be a list of mailbox names")
     spelled = tuple(dict.fromkeys(m for m in mailboxes if isinstance(m, str)))
-    return Request(account_id, token.lower(), subtopic, spelled, _folders(spelled))
-
-
-def _folders(spelled: tuple[str, ...]) -> tuple[str, ...]:
-    folders = []
-    for mailbox in spelled:
-        try:
-            folders.append(names.decode(mailbox))
-        except names.MailboxNameError as e:
-            raise XapsError(f"mailbox {quote(mailbox)} is not valid modified UTF-7: {e}") from None
-    return tuple(dict.fromkeys(folders))
+    try:
+        folders = names.decode_all(spelled)
+    except names.MailboxNameError as e:
+        raise XapsError(f"mailbox {e}") from None
+    return Request(account_id, token.lower(), subtopic, spelled, folders)
 
 
 def _text(given: dict[str, Value], key: str) -> str:

@@ -68,7 +68,9 @@ def test_register_body_as_the_plugin_sends_it():
         "abcd",
         ("INBOX", "Notes", "Entwürfe"),  # as Dovecot's events name it
     )
-    with pytest.raises(CompatError, match="not valid modified UTF-7: '&APw' starts"):
+    with pytest.raises(
+        CompatError, match="Mailboxes: \"Entw&APw\" is not valid modified UTF-7: '&APw' starts"
+    ):
         parse_register(
             b'{"ApsAccountId":"A","ApsDeviceToken":"AB","ApsSubtopic":"com.apple.mobilemail",'
             b'"Username":"alice","Mailboxes": ["Entw&APw"]}'

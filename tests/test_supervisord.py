@@ -159,9 +159,10 @@ async def test_supervisord_restarts_serve_under_the_relays_sessions(
         assert "stopped" in await supervisorctl(conf, "stop", "dovenotify-relay")
         await log.wait_for("stopped: dovenotify-relay (exit status 0)")
         # Its sessions end with it, and its socket is gone.
-        client, _server = session
-        client.settimeout(5)
-        assert client.recv(64) == b""
+        client, server = session
+        with client, server:
+            client.settimeout(5)
+            assert client.recv(64) == b""
         assert not Path(settings["relay_socket"]).exists()
 
 

@@ -89,8 +89,8 @@ class PostgresStore:
         except psycopg.Error as e:
             self.close()
             raise StoreError(f"{self.where}: cannot open the registration database: {e}") from e
-        except StoreError:
-            # A database from a newer dovenotify: leave it, and its connection, alone.
+        except BaseException:
+            # A schema this version does not know: refused, and the connection closed.
             self.close()
             raise
 

@@ -143,7 +143,7 @@ def _set_newer_schema(database: str) -> Callable[[], None]:
     else:
 
         def newer() -> None:
-            with sqlite3.connect(database) as db:
+            with contextlib.closing(sqlite3.connect(database)) as db, db:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
 
     return newer

@@ -42,8 +42,8 @@ class Stack:
     settings: Mapping[str, Any]
     # `dovenotify relay`, when the settings say relay_process: separate.
     relay: RunningService | None = None
-    # Every client `iphone` opened; run_stack closes those a test left open.
-    clients: list[ImapClient] = attrs.field(factory=list)
+    # Every phone's connection, closed when the stack stops if the test has not.
+    phones: list[ImapClient] = attrs.field(factory=list)
 
     async def iphone(self, user: str = "alice", password: str = "secret") -> ImapClient:
         """A logged-in IMAP client over TLS, as iOS Mail connects."""
@@ -52,7 +52,7 @@ class Stack:
             self.dovecot.imaps_port,
             ssl_context=self.dovecot.client_ssl_context(),
         )
-        self.clients.append(client)
+        self.phones.append(client)
         reply = await client.login(user, password)
         assert reply.ok, reply
         return client
@@ -146,8 +146,8 @@ async def run_stack(
                     try:
                         yield stack
                     finally:
-                        for client in stack.clients:
-                            await client.aclose()
+                        for phone in stack.phones:
+                            await trio.aclose_forcefully(phone.stream)
             finally:
                 # Stopped by PID now; waited for, and `root` removed, as it exits.
                 stop_later(dovecot, root)

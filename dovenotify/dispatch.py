@@ -31,6 +31,12 @@ DeviceKey = tuple[str, str, str]
 def wants(registration: Registration, mailbox: str) -> bool:
     """Did this device register for this mailbox? Both names are UTF-8 (the store's
     are decoded at registration); INBOX is case-insensitive (RFC 3501)."""
+    if mailbox in registration.mailboxes:
+        return True
+    # Only names starting with INBOX can match a name spelled otherwise (and every
+    # event and registration is looked at here: keep the usual case cheap).
+    if mailbox[:5].upper() != "INBOX":
+        return False
     wanted = key(mailbox)
     return any(key(m) == wanted for m in registration.mailboxes)
 

@@ -29,7 +29,7 @@ import attrs
 import pytest
 import trio
 
-from tests.harness.dovecot import MAIL_GROUP, MAIL_USER, Dovecot, StartDovecot, make_root
+from tests.harness.dovecot import Dovecot, StartDovecot, make_root, put_message
 from tests.harness.imap_client import ImapClient
 from tests.harness.stack import run_stack
 
@@ -83,23 +83,9 @@ def seed_flags(n: int) -> str:
     return "".join(flag for flag, every in (("F", 7), ("R", 11), ("S", 2)) if n % every == 0)
 
 
-def put_message(d: Dovecot, message: bytes, name: str, flags: str = "") -> None:
-    """Write a message into alice's maildir on the server, as a delivery would."""
-    home = d.layout.homes / "alice"
-    maildir = home / "Maildir"
-    uid, gid = d.installation.uid(MAIL_USER), d.installation.gid(MAIL_GROUP)
-    for directory in (home, maildir, *(maildir / sub for sub in ("cur", "new", "tmp"))):
-        if not directory.is_dir():
-            directory.mkdir(mode=0o700)
-            os.chown(directory, uid, gid)
-    path = maildir / ("cur" if flags else "new") / (f"{name}:2,{flags}" if flags else name)
-    path.write_bytes(message)
-    os.chown(path, uid, gid)
-
-
 def seed(d: Dovecot) -> None:
     for n, message in enumerate(seed_messages()):
-        put_message(d, message, f"1700000000.seed{n}.test", seed_flags(n))
+        put_message(d, "alice", message, f"1700000000.seed{n}.test", seed_flags(n))
 
 
 # --- what the clients and servers end up with ---------------------------------
@@ -271,7 +257,9 @@ class Pair:
     def deliver(self, round_: int) -> None:
         """The same new message on both servers."""
         for client in self.both:
-            put_message(client.dovecot, small_message(20_000 + round_), f"1700000002.new{round_}")
+            put_message(
+                client.dovecot, "alice", small_message(20_000 + round_), f"1700000002.new{round_}"
+            )
 
 
 async def offers_compress(d: Dovecot) -> bool:
@@ -373,7 +361,9 @@ async def test_a_session_the_relay_stepped_out_of_stays_byte_exact(
             assert (await phone.compress()).ok
         await phone.send_raw(b"i1 IDLE\r\n")
         assert (await phone.read_response()).startswith(b"+ ")
-        await trio.to_thread.run_sync(put_message, stack.dovecot, small_message(1), "1.idle")
+        await trio.to_thread.run_sync(
+            put_message, stack.dovecot, "alice", small_message(1), "1.idle"
+        )
         assert await phone.read_response() == b"* 1 EXISTS"
         await phone.send_raw(b"DONE\r\n")
         assert (await phone.read_until_tagged("i1")).ok

@@ -344,38 +344,3 @@ async def test_offlineimap_syncs_alike_through_the_relay(
         up = contents(server_state(pair.relayed.dovecot))
         assert up[digest(small_message(10_000))] == 1
         assert contents(pair.relayed.local_state())[digest(small_message(20_000))] == 1
-
-
-@pytest.mark.parametrize("leave", ["compress", "idle"])
-async def test_a_session_the_relay_stepped_out_of_stays_byte_exact(
-    test_pki, dovecot_version, leave
-):
-    # The relay stops reading a session after COMPRESS or IDLE: from then on the
-    # session must work exactly as with Dovecot alone, to its last byte.
-    message = binary_message(7, 8 * 1024 * 1024)
-    conf = COMPRESS_CONF[dovecot_version, True]
-    async with run_stack(test_pki, version=dovecot_version, dovecot_conf=conf) as stack:
-        phone = await stack.iphone()
-        assert (await phone.command("SELECT INBOX")).ok
-        if leave == "compress":
-            assert (await phone.compress()).ok
-        await phone.send_raw(b"i1 IDLE\r\n")
-        assert (await phone.read_response()).startswith(b"+ ")
-        await trio.to_thread.run_sync(
-            put_message, stack.dovecot, "alice", small_message(1), "1.idle"
-        )
-        assert await phone.read_response() == b"* 1 EXISTS"
-        await phone.send_raw(b"DONE\r\n")
-        assert (await phone.read_until_tagged("i1")).ok
-
-        assert (await phone.append("INBOX", message)).ok
-        fetch = await phone.command("FETCH 2 BODY.PEEK[]")
-        assert fetch.ok, fetch
-        assert fetch.untagged[-1] == b"* 2 FETCH (BODY[] {%d}\r\n%s)" % (len(message), message)
-
-        await phone.send_raw(b"z LOGOUT\r\n")
-        assert await phone.read_response() == b"* BYE Logging out"
-        assert (await phone.read_response()).startswith(b"z OK Logout completed")
-        # And then the end of the stream: the relay closes as Dovecot does.
-        assert await phone.stream.receive_some(1) == b""
-        await phone.aclose()

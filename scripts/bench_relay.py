@@ -313,55 +313,18 @@ def seed_load_mailbox(dovecot: Dovecot) -> None:
         put_message(dovecot, "alice", load_message(n), f"1700000000.load{n}.bench", "S")
 
 
-class LoadClient:
-    """One IMAP session of the load: commands one after another, as fast as answered."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = bytearray()
-        self.tags = 0
-
-    async def read_line(self) -> bytes:
-        while (end := self.buffer.find(b"\r\n")) < 0:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("connection closed")
-            self.buffer += chunk
-        line = bytes(self.buffer[: end + 2])
-        del self.buffer[: end + 2]
-        return line
-
-    async def skip(self, size: int) -> None:
-        while len(self.buffer) < size:
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise EOFError("connection closed inside a literal")
-            self.buffer += chunk
-        del self.buffer[:size]
-
-    async def command(self, text: bytes) -> None:
-        self.tags += 1
-        tag = b"l%d " % self.tags
-        await self.stream.send_all(tag + text + b"\r\n")
-        while not (line := await self.read_line()).startswith(tag):
-            if (literal := _LITERAL.search(line)) is not None:
-                await self.skip(int(literal[1]))
-        if not line.startswith(tag + b"OK"):
-            raise RuntimeError(f"{text!r} failed: {line!r}")
-
-
-def load_commands(rng: random.Random) -> list[bytes]:
+def load_commands(rng: random.Random) -> list[str]:
     """A random mix of what mail clients send on an open session."""
     n = rng.randrange(1, LOAD_MESSAGES + 1)
     return [
-        b"FETCH %d:%d (FLAGS INTERNALDATE RFC822.SIZE ENVELOPE)" % (n, min(n + 9, LOAD_MESSAGES)),
-        b"FETCH %d BODY.PEEK[]" % n,
-        b'SEARCH SUBJECT "load %d"' % n,
-        b"UID SEARCH UNFLAGGED SINCE 1-Jan-2020",
-        b"STORE %d +FLAGS.SILENT (\\Flagged)" % n,
-        b"STORE %d -FLAGS.SILENT (\\Flagged)" % n,
-        b"NOOP",
-        b"SELECT INBOX",
+        f"FETCH {n}:{min(n + 9, LOAD_MESSAGES)} (FLAGS INTERNALDATE RFC822.SIZE ENVELOPE)",
+        f"FETCH {n} BODY.PEEK[]",
+        f'SEARCH SUBJECT "load {n}"',
+        "UID SEARCH UNFLAGGED SINCE 1-Jan-2020",
+        f"STORE {n} +FLAGS.SILENT (\\Flagged)",
+        f"STORE {n} -FLAGS.SILENT (\\Flagged)",
+        "NOOP",
+        "SELECT INBOX",
     ]
 
 
@@ -370,22 +333,24 @@ async def load_session(host: str, port: int, deadline: float, relogin: bool, see
     rng = random.Random(seed)
     done = 0
     while trio.current_time() < deadline:
-        client = LoadClient(await trio.open_tcp_stream(host, port))
-        try:
-            await client.read_line()  # greeting
-            await client.command(b'LOGIN "alice" "secret"')
-            await client.command(b"SELECT INBOX")
+        async with await ImapClient.connect(host, port) as client:
+            await client.login("alice", "secret")
+            await ok(client, "SELECT INBOX")
             done += 2
             for _ in itertools.count() if not relogin else range(COMMANDS_PER_LOGIN):
                 if trio.current_time() >= deadline:
                     break
-                await client.command(rng.choice(load_commands(rng)))
+                await ok(client, rng.choice(load_commands(rng)))
                 done += 1
-            await client.command(b"LOGOUT")
+            await ok(client, "LOGOUT")
             done += 1
-        finally:
-            await client.stream.aclose()
     return done
+
+
+async def ok(client: ImapClient, command: str) -> None:
+    reply = await client.command(command)
+    if not reply.ok:
+        raise RuntimeError(f"{command} failed: {reply.tagged!r}")
 
 
 async def _load_worker(host: str, port: int, clients: int, seconds: float, relogin: bool) -> int:

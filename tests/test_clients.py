@@ -7,7 +7,8 @@ MB-sized with 8-bit binary bodies. The client syncs down, then up (new local
 messages, changed flags, a deletion), then again many times incrementally; every
 run must succeed, and the local trees and the servers' maildirs must come out the
 same both ways. COMPRESS=DEFLATE is tested offered and not offered (2.4 offers it
-by default; 2.3 with imap_zlib loaded).
+by default; 2.3 with imap_zlib loaded). The clients are the host's: a client
+needs no Dovecot beside it, so the chroot with the other version does not hold them.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ COMPRESS_CONF = {
     ("2.3", True): "protocol imap {\n  mail_plugins = $mail_plugins imap_zlib\n}\n",
     ("2.3", False): "",
     ("2.4", True): "",
-    ("2.4", False): ('protocol imap {\n  imap_capability {\n    "COMPRESS=DEFLATE" = no\n  }\n}\n'),
+    ("2.4", False): 'protocol imap {\n  imap_capability {\n    "COMPRESS=DEFLATE" = no\n  }\n}\n',
 }
 
 # --- the mailbox --------------------------------------------------------------

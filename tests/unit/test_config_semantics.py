@@ -49,7 +49,7 @@ def test_errors_name_the_problem(text, message):
 @pytest.mark.parametrize(
     ("text", "shown"),
     [
-        ("\"0'\": 1\n", "unknown key \"0'\""),
+        ('"0\'": 1\n', 'unknown key "0\'"'),
         ('"a.b": 1\n', 'unknown key "a.b"'),
         ('"red\\e[31m": 1\n', 'unknown key "red\\u001b[31m"'),
         ("apns:\n  endpont: x\n", "unknown key 'apns.endpont' (did you mean 'apns.endpoint'?)"),

@@ -16,11 +16,12 @@ import signal
 
 import trio
 
-from .apns_auth import load_auth, reload_auth
-from .config import Config
+from dovenotify.apns.auth import load_auth, reload_auth
+from dovenotify.core.config import Config
+from dovenotify.core.usernames import UserKeys
+from dovenotify.store.sqlite import open_store
+
 from .service import notify_ready, open_relay, register_keyed, remove_socket, socket_file
-from .store import open_store
-from .usernames import UserKeys
 
 log = logging.getLogger("dovenotify.relay")
 

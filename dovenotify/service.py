@@ -19,19 +19,29 @@ from pathlib import Path
 import attrs
 import trio
 
-from . import apns, directories, relay, spool
-from .apns_auth import Auth, configure_sender, expiry_warning, load_auth, open_sender, reload_auth
-from .apns_sender import ApnsSender
-from .config import Config
-from .dispatch import Dispatcher
-from .endpoints import open_endpoints, serve_endpoints
-from .events import BadLine, Event, EventDecoder
-from .metrics import Metrics
-from .outbox import Gate, Outbox
-from .peers import PeerRule, peer_of
-from .registration_expiry import sweep_expired, unexpired
-from .store import Registration, Store, StoreError, open_store
-from .usernames import UserKeys
+from dovenotify.admin.endpoints import open_endpoints, serve_endpoints
+from dovenotify.admin.metrics import Metrics
+from dovenotify.apns import protocol as apns
+from dovenotify.apns.auth import (
+    Auth,
+    configure_sender,
+    expiry_warning,
+    load_auth,
+    open_sender,
+    reload_auth,
+)
+from dovenotify.apns.outbox import Gate, Outbox
+from dovenotify.apns.sender import ApnsSender
+from dovenotify.core import directories
+from dovenotify.core.config import Config
+from dovenotify.core.usernames import UserKeys
+from dovenotify.events import spool
+from dovenotify.events.decoder import BadLine, Event, EventDecoder
+from dovenotify.events.dispatch import Dispatcher
+from dovenotify.events.peers import PeerRule, peer_of
+from dovenotify.relay import server as relay
+from dovenotify.store.expiry import sweep_expired, unexpired
+from dovenotify.store.sqlite import Registration, Store, StoreError, open_store
 
 log = logging.getLogger("dovenotify")
 

@@ -35,7 +35,7 @@ import statistics
 from pathlib import Path
 
 import dovenotify
-from dovenotify.dovecot_config import render
+from dovenotify.dovecot.config import render
 from scripts.bench_table import print_table
 from tests.harness.dovecot import EventSink, deliver, make_root, running_dovecot
 

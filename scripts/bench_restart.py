@@ -29,7 +29,7 @@ from typing import Any
 import attrs
 import trio
 
-from dovenotify.doctor import probe_relay
+from dovenotify.admin.doctor import probe_relay
 from scripts.bench_table import print_table
 from tests.harness.apns_standin import run_apns_standin
 from tests.harness.certs import make_test_pki

@@ -30,9 +30,9 @@ import h2.connection
 import h2.events
 import trio
 
-from dovenotify.apns import Push
-from dovenotify.apns_sender import DEFAULT_MAX_IN_FLIGHT, ApnsSender
-from dovenotify.certificates import client_ssl_context, load_credentials
+from dovenotify.apns.certificates import client_ssl_context, load_credentials
+from dovenotify.apns.protocol import Push
+from dovenotify.apns.sender import DEFAULT_MAX_IN_FLIGHT, ApnsSender
 from scripts.bench_table import print_table
 from tests.harness.certs import Pki, make_test_pki
 from tests.harness.dovecot import free_ports

@@ -30,9 +30,14 @@ from scripts.bench_table import print_table
 # Only the child that fuzzes needs the coverage instrumentation (and its log lines).
 RUNNING = sys.argv[1:2] == ["--run"]
 with atheris.instrument_imports(include=["dovenotify"]) if RUNNING else contextlib.nullcontext():
-    from dovenotify import apns, compat, config, events, imapscan, relay, xaps
-    from dovenotify.apns_token import load_token_key
-    from dovenotify.certificates import CertificateError, load_credentials
+    from dovenotify.admin import compat
+    from dovenotify.apns import protocol as apns
+    from dovenotify.apns.certificates import CertificateError, load_credentials
+    from dovenotify.apns.token import load_token_key
+    from dovenotify.core import config
+    from dovenotify.events import decoder as events
+    from dovenotify.relay import imapscan, xaps
+    from dovenotify.relay import server as relay
 
 
 CONFIG_PATH = Path("/etc/dovenotify/dovenotify.yaml")

@@ -10,7 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from dovenotify.apns import (
+from dovenotify.apns.certificates import load_credentials
+from dovenotify.apns.protocol import (
     UNPARSEABLE,
     Action,
     Outcome,
@@ -19,8 +20,7 @@ from dovenotify.apns import (
     classify,
     transport_failure,
 )
-from dovenotify.apns_sender import ApnsSender
-from dovenotify.certificates import load_credentials
+from dovenotify.apns.sender import ApnsSender
 from tests.harness.apns_standin import (
     HANG,
     Answer,
@@ -423,9 +423,9 @@ async def test_standin_refuses_clients_without_a_trusted_certificate(
 SEND_FROM_ANOTHER_PROCESS = """
 import sys, trio
 from pathlib import Path
-from dovenotify.apns import Push
-from dovenotify.apns_sender import ApnsSender
-from dovenotify.certificates import load_credentials
+from dovenotify.apns.protocol import Push
+from dovenotify.apns.sender import ApnsSender
+from dovenotify.apns.certificates import load_credentials
 
 async def main(url, ca_file, certificate, token, account):
     credentials = load_credentials(Path(certificate))

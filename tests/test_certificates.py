@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from dovenotify.certificates import CertificateError, client_ssl_context, load_credentials
+from dovenotify.apns.certificates import CertificateError, client_ssl_context, load_credentials
 from tests.harness.certs import P12_PASSWORD, Pki
 
 

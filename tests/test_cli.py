@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dovenotify import config
-from dovenotify.store import Registration, SQLiteStore
+from dovenotify.core import config
+from dovenotify.store.sqlite import Registration, SQLiteStore
 from tests.harness.service import dovenotify_command
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,8 +24,8 @@ import trio
 import yaml
 from cryptography.hazmat.primitives import serialization
 
-from dovenotify.certificates import load_credentials
-from dovenotify.store import Registration, SQLiteStore
+from dovenotify.apns.certificates import load_credentials
+from dovenotify.store.sqlite import Registration, SQLiteStore
 from tests.harness.apns_standin import Answer, ApnsStandin, RecordedRequest
 from tests.harness.certs import P12_PASSWORD, ClientCert, Pki
 from tests.harness.service import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from dovenotify.store import SQLiteStore
+from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.apns_standin import ApnsStandin
 from tests.harness.certs import Pki
 from tests.harness.dovecot import free_ports

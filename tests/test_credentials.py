@@ -12,17 +12,17 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from dovenotify import config
-from dovenotify.apns import Action, Push
-from dovenotify.apns_auth import expiry_warning, load_auth, open_sender
-from dovenotify.apns_token import (
+from dovenotify.apns.auth import expiry_warning, load_auth, open_sender
+from dovenotify.apns.certificates import CertificateError, load_credentials
+from dovenotify.apns.protocol import Action, Push
+from dovenotify.apns.token import (
     MIN_TOKEN_AGE,
     REFRESH_AFTER,
     TokenSigner,
     load_token_key,
     verify_token,
 )
-from dovenotify.certificates import CertificateError, load_credentials
+from dovenotify.core import config
 from tests.harness.apns_standin import ApnsStandin, run_apns_standin
 from tests.harness.certs import P12_PASSWORD, Pki
 from tests.harness.service import dovenotify_command, run_service

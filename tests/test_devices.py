@@ -6,8 +6,8 @@ from pathlib import Path
 
 import trio
 
-from dovenotify.registration_expiry import sweep_expired
-from dovenotify.store import Registration, SQLiteStore
+from dovenotify.store.expiry import sweep_expired
+from dovenotify.store.sqlite import Registration, SQLiteStore
 from tests.harness.dovecot import deliver
 from tests.harness.service import dovenotify_command
 from tests.harness.stack import run_stack

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from dovenotify import directories
-from dovenotify.config import Config
+from dovenotify.core import directories
+from dovenotify.core.config import Config
 from tests.harness.service import dovenotify_command
 
 # An unprivileged user that exists on every Debian system.

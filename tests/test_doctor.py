@@ -13,15 +13,15 @@ import attrs
 import pytest
 import trio
 
-from dovenotify import doctor
-from dovenotify.config import Config
-from dovenotify.dovecot_config import (
+from dovenotify.admin import doctor
+from dovenotify.core.config import Config
+from dovenotify.dovecot.config import (
     DEFAULT_EVENT_SOCKET,
     DEFAULT_LUA_SCRIPT,
     DEFAULT_RELAY_SOCKET,
     render_example,
 )
-from dovenotify.store import Registration, SQLiteStore
+from dovenotify.store.sqlite import Registration, SQLiteStore
 from tests.harness.apns_standin import ApnsStandin
 from tests.harness.certs import Pki
 from tests.harness.dovecot import free_ports, installation, make_root

@@ -14,8 +14,8 @@ import trio
 import trio.testing
 
 import dovenotify
-from dovenotify import dovecot_config
-from dovenotify.dovecot_config import installed_dovecot_version, render, render_example
+from dovenotify.dovecot import config as dovecot_config
+from dovenotify.dovecot.config import installed_dovecot_version, render, render_example
 from tests.harness.dovecot import installation, make_root, write_config
 from tests.harness.imap_client import ImapClient
 

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 import dovenotify
-from dovenotify.dovecot_config import render
+from dovenotify.dovecot.config import render
 from tests.harness.dovecot import (
     Dovecot,
     EventSink,

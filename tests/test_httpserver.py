@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import trio
 
-from dovenotify.httpserver import MAX_BODY, Request, Response, open_listeners, serve_http
+from dovenotify.admin.httpserver import MAX_BODY, Request, Response, open_listeners, serve_http
 
 
 async def handler(request: Request) -> Response:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import trio
 
-from dovenotify.apns_auth import load_auth, open_sender
-from dovenotify.config import ApnsConfig, Config
-from dovenotify.events import Event
-from dovenotify.outbox import Outbox
+from dovenotify.apns.auth import load_auth, open_sender
+from dovenotify.apns.outbox import Outbox
+from dovenotify.core.config import ApnsConfig, Config
+from dovenotify.events.decoder import Event
 from dovenotify.service import Service
-from dovenotify.store import Registration, open_store
+from dovenotify.store.sqlite import Registration, open_store
 from tests.harness.apns_standin import Answer, RecordedRequest, run_apns_standin
 from tests.harness.certs import Pki
 

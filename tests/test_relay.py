@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from dovenotify.store import Registration, SQLiteStore
+from dovenotify.store.sqlite import Registration, SQLiteStore
 from tests.harness.dovecot import deliver
 from tests.harness.handoff import hand_over, relays
 from tests.harness.imap_client import ImapClient

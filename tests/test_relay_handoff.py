@@ -19,8 +19,8 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from dovenotify import relay
 from dovenotify.dovecot.postlogin import hello_line
+from dovenotify.relay import server as relay
 from dovenotify.service import unix_listener
 from tests.harness.handoff import relays
 

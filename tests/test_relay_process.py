@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dovenotify.config import ConfigError, parse
+from dovenotify.core.config import ConfigError, parse
 from tests.harness.dovecot import deliver
 from tests.harness.service import dovenotify_command, run_service, write_config
 from tests.harness.stack import run_stack, service_settings

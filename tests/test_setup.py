@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dovenotify import config as configuration
-from dovenotify import setup
+from dovenotify.cli import setup
+from dovenotify.core import config as configuration
 
 USER = pwd.getpwnam("nobody")
 

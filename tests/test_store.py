@@ -12,9 +12,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dovenotify.dispatch import wants
-from dovenotify.store import COLUMNS, SCHEMA, SCHEMA_VERSION, Registration, StoreError, open_store
-from dovenotify.store_postgres import MIGRATIONS
+from dovenotify.events.dispatch import wants
+from dovenotify.store.postgres import MIGRATIONS
+from dovenotify.store.sqlite import (
+    COLUMNS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Registration,
+    StoreError,
+    open_store,
+)
 from tests.harness.postgres import Postgres, postgres_server, postgres_url
 
 __all__ = ["postgres_server", "postgres_url"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from dovenotify.store import Registration, SQLiteStore
+from dovenotify.store.sqlite import Registration, SQLiteStore
 from tests.harness.handoff import hand_over, relays
 from tests.harness.service import dovenotify_command, write_config
 from tests.harness.stack import service_settings

@@ -34,7 +34,7 @@ from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.trio import serve
 from hyperframe.frame import GoAwayFrame
 
-from dovenotify.apns_token import verify_token
+from dovenotify.apns.token import verify_token
 from tests.harness.certs import Pki
 
 

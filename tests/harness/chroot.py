@@ -319,7 +319,7 @@ def ensure(target: Target, *, report=sys.stderr) -> Path:
 
 
 def main() -> int:
-    from dovenotify.dovecot_config import installed_dovecot_version
+    from dovenotify.dovecot.config import installed_dovecot_version
 
     try:
         target = other_target(installed_dovecot_version())

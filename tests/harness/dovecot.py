@@ -43,7 +43,7 @@ import attrs
 import pytest
 import trustme
 
-from dovenotify.dovecot_config import VERSIONS, installed_dovecot_version
+from dovenotify.dovecot.config import VERSIONS, installed_dovecot_version
 from tests.harness import chroot
 
 MAIL_USER = "nobody"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dovenotify.dovecot_config import PLUGINS
+from dovenotify.dovecot.config import PLUGINS
 
 
 def sieve_before(version: str, script: Path) -> str:

@@ -3,7 +3,7 @@
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from dovenotify.certificates import certificate_request, topic_problem
+from dovenotify.apns.certificates import certificate_request, topic_problem
 
 
 def test_only_a_mobilemail_topic_with_a_reversed_domain_is_accepted():

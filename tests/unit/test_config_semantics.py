@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dovenotify.config import ConfigError, parse
+from dovenotify.core.config import ConfigError, parse
 
 PATH = Path("/etc/dovenotify/dovenotify.yaml")
 

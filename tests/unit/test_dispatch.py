@@ -1,9 +1,9 @@
 """When devices are pushed: immediately, delayed, coalesced, bounded."""
 
-from dovenotify.dispatch import Dispatcher
-from dovenotify.events import Event
-from dovenotify.outbox import Outbox
-from dovenotify.store import Registration
+from dovenotify.apns.outbox import Outbox
+from dovenotify.events.decoder import Event
+from dovenotify.events.dispatch import Dispatcher
+from dovenotify.store.sqlite import Registration
 
 PHONE = Registration("alice", "ACC", "aa11", "topic", ("INBOX", "Work"), registered_at=0)
 IPAD = Registration("alice", "ACC2", "bb22", "topic", ("Notes",), registered_at=0)

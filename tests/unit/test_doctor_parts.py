@@ -3,7 +3,7 @@
 import os
 import stat
 
-from dovenotify.doctor import _may, enabled
+from dovenotify.admin.doctor import _may, enabled
 
 
 def test_enabled_reads_both_list_syntaxes():

@@ -1,6 +1,6 @@
 """The Lua driver's line format."""
 
-from dovenotify.events import MAX_LINE, BadLine, Event, EventDecoder
+from dovenotify.events.decoder import MAX_LINE, BadLine, Event, EventDecoder
 
 
 def test_lines_in_any_chunks():

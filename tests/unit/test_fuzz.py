@@ -16,10 +16,15 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dovenotify import apns, compat, config, events, imapscan, relay, xaps
-from dovenotify.apns_token import load_token_key
-from dovenotify.certificates import CertificateError, load_credentials
+from dovenotify.admin import compat
+from dovenotify.apns import protocol as apns
+from dovenotify.apns.certificates import CertificateError, load_credentials
+from dovenotify.apns.token import load_token_key
+from dovenotify.core import config
 from dovenotify.dovecot.postlogin import hello_line
+from dovenotify.events import decoder as events
+from dovenotify.relay import imapscan, xaps
+from dovenotify.relay import server as relay
 from tests.harness.certs import P12_PASSWORD
 
 FUZZ = settings(max_examples=300, deadline=500, suppress_health_check=[HealthCheck.too_slow])

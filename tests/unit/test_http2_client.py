@@ -14,7 +14,7 @@ from hyperframe.frame import DataFrame, HeadersFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dovenotify.http2_client import MALFORMED, Answered, ClientConnection, PingAcked, Unanswered
+from dovenotify.apns.http2 import MALFORMED, Answered, ClientConnection, PingAcked, Unanswered
 
 BODY = b'{"aps":{"account-id":"X"}}'
 

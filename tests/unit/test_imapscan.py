@@ -6,7 +6,7 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dovenotify.imapscan import (
+from dovenotify.relay.imapscan import (
     COMMAND_LIMIT,
     Action,
     Broken,

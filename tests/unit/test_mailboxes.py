@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dovenotify import mailboxes
+from dovenotify.core import mailboxes
 
 # Spellings as Dovecot lists them (checked on 2.3.19 and 2.4.1: CREATE, then LIST).
 SPELLINGS = [

@@ -2,11 +2,11 @@
 
 import pytest
 
-from dovenotify import apns
-from dovenotify.compat import CompatError, notify_status, parse_notify, parse_register
-from dovenotify.events import Event
-from dovenotify.metrics import Histogram, Metrics, Samples
-from dovenotify.store import Registration
+from dovenotify.admin.compat import CompatError, notify_status, parse_notify, parse_register
+from dovenotify.admin.metrics import Histogram, Metrics, Samples
+from dovenotify.apns import protocol as apns
+from dovenotify.events.decoder import Event
+from dovenotify.store.sqlite import Registration
 
 DEVICE = Registration("alice", "ACC", "ab" * 32, "topic", ("INBOX",))
 SAMPLES = Samples(

@@ -3,8 +3,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dovenotify.outbox import Gate, Outbox
-from dovenotify.store import Registration
+from dovenotify.apns.outbox import Gate, Outbox
+from dovenotify.store.sqlite import Registration
 
 
 def device(token: str = "aa") -> Registration:

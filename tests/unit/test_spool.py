@@ -3,8 +3,8 @@
 import os
 import tracemalloc
 
-from dovenotify import spool
-from dovenotify.events import Event
+from dovenotify.events import spool
+from dovenotify.events.decoder import Event
 
 NEW = b"MessageNew\talice\tINBOX\tlmtp\n"
 FLAGS = b"FlagsSet\talice\tINBOX\timap\n"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dovenotify.usernames import UserKeys
+from dovenotify.core.usernames import UserKeys
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dovenotify import xaps
+from dovenotify.relay import xaps
 
 IOS = (
     b'A12 XAPPLEPUSHSERVICE "aps-version" "2" "aps-account-id" '

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import trio
 
-from dovenotify import zerocopy
+from dovenotify.relay import zerocopy
 
 
 @pytest.fixture

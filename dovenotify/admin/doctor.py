@@ -31,11 +31,11 @@ import h2.config
 import h2.connection
 import h2.events
 
-from . import certificates
-from . import config as configuration
-from .apns_auth import Auth, load_auth
-from .dovecot_config import PLUGINS, VERSIONS
-from .store import StoreError, open_store
+from dovenotify.apns import certificates
+from dovenotify.apns.auth import Auth, load_auth
+from dovenotify.core import config as configuration
+from dovenotify.dovecot.config import PLUGINS, VERSIONS
+from dovenotify.store.sqlite import StoreError, open_store
 
 TIMEOUT = 5.0
 RENEW_WARNING_DAYS = 30

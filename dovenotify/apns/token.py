@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from .certificates import CertificateError
+from dovenotify.apns.certificates import CertificateError
 
 REFRESH_AFTER = 50 * 60
 # Apple's floor between two tokens of one key.

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def register(commands: Any) -> None:
-    from .cli import add_command  # cli imports this module first
+    from dovenotify.cli.main import add_command  # cli imports this module first
 
     add_command(
         commands,
@@ -18,7 +18,7 @@ def register(commands: Any) -> None:
 
 
 def _relay(args: argparse.Namespace) -> int:
-    from . import relay_process
-    from .cli import run_daemon
+    from dovenotify import relay_process
+    from dovenotify.cli.main import run_daemon
 
     return run_daemon(args, relay_process.run)

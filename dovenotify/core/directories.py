@@ -13,7 +13,7 @@ import os
 import pwd
 from pathlib import Path
 
-from .config import Config, ConfigError
+from dovenotify.core.config import Config, ConfigError
 
 # As systemd's RuntimeDirectoryMode and StateDirectory: Dovecot's users must reach
 # the sockets and the event spool inside.

@@ -15,8 +15,8 @@ from collections.abc import Iterable
 
 import trio
 
-from .relay import short_token
-from .store import Registration, Store
+from dovenotify.relay.server import short_token
+from dovenotify.store.sqlite import Registration, Store
 
 log = logging.getLogger("dovenotify.registrations")
 

@@ -35,7 +35,9 @@ import h2.exceptions
 import trio
 
 from dovenotify import __version__
-from dovenotify.apns import (
+from dovenotify.apns.certificates import Credentials, client_ssl_context
+from dovenotify.apns.http2 import Answered, ClientConnection, Event, Headers, Unanswered
+from dovenotify.apns.protocol import (
     PRODUCTION,
     Action,
     Outcome,
@@ -45,9 +47,7 @@ from dovenotify.apns import (
     classify,
     transport_failure,
 )
-from dovenotify.apns_token import TokenSigner
-from dovenotify.certificates import Credentials, client_ssl_context
-from dovenotify.http2_client import Answered, ClientConnection, Event, Headers, Unanswered
+from dovenotify.apns.token import TokenSigner
 
 log = logging.getLogger("dovenotify")
 

@@ -22,11 +22,13 @@ from typing import Any
 import attrs
 import yaml
 
-from . import certificates, directories, dovecot_config
-from . import config as configuration
+from dovenotify.apns import certificates
+from dovenotify.core import config as configuration
+from dovenotify.core import directories
+from dovenotify.dovecot import config as dovecot_config
 
 SERVICE_USER = "dovenotify"
-UNITS = Path(__file__).parent / "units"
+UNITS = Path(__file__).parent.parent / "units"
 SYSTEMD_DIR = Path("/etc/systemd/system")
 SUPERVISOR_DIR = Path("/etc/supervisor/conf.d")
 # /run is emptied at boot; where systemd exists (also under supervisord) it makes
@@ -42,7 +44,7 @@ class SetupError(Exception):
 
 
 def register(commands: Any) -> None:
-    from .cli import add_command  # cli imports this module first
+    from dovenotify.cli.main import add_command  # cli imports this module first
 
     sub = add_command(
         commands,
@@ -89,7 +91,7 @@ def _run_setup(args: argparse.Namespace) -> int:
 
 
 def _setup(args: argparse.Namespace) -> int:
-    from .cli import dovecot_snippet, install_dovecot_files, main
+    from dovenotify.cli.main import dovecot_snippet, install_dovecot_files, main
 
     if os.geteuid() != 0:
         raise SetupError("setup needs root: it creates a user and writes to /etc")

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import doctor
+from dovenotify.admin import doctor
 
 
 def register(commands: Any) -> None:
-    from .cli import add_command  # cli imports this module first
+    from dovenotify.cli.main import add_command  # cli imports this module first
 
     sub = add_command(
         commands,

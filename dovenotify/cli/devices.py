@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from .relay import short_token
-from .store import open_store
-from .usernames import UserKeys
+from dovenotify.core.usernames import UserKeys
+from dovenotify.relay.server import short_token
+from dovenotify.store.sqlite import open_store
 
 
 def register(devices: argparse.ArgumentParser) -> None:
     # Here, not at the top: cli imports this module to call register().
-    from .cli import add_command
+    from dovenotify.cli.main import add_command
 
     actions = devices.add_subparsers(dest="devices_action", metavar="ACTION")
     remove = add_command(
@@ -30,7 +30,7 @@ def register(devices: argparse.ArgumentParser) -> None:
 
 
 def _remove(args: argparse.Namespace) -> int:
-    from .cli import UsageError, load_config
+    from dovenotify.cli.main import UsageError, load_config
 
     if not (args.user or args.account_id or args.token):
         raise UsageError("say which registrations to remove: --user, --account-id or --token")

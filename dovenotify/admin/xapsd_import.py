@@ -22,8 +22,8 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .certificates import CertificateError, Credentials, load_credentials
-from .mailboxes import upgrade
+from dovenotify.apns.certificates import CertificateError, Credentials, load_credentials
+from dovenotify.core.mailboxes import upgrade
 
 XAPSD_DIR = Path("/etc/xapsd")
 MAIL_CERTIFICATE_INDEX = 2  # calendar, contact, mail, mgmt, alerts

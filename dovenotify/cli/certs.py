@@ -15,9 +15,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from . import service_files, xapsd_import
-from .apns_auth import load_auth, open_sender, read_password
-from .certificates import (
+from dovenotify.admin import xapsd_import
+from dovenotify.apns.auth import load_auth, open_sender, read_password
+from dovenotify.apns.certificates import (
     CertificateError,
     Credentials,
     certificate_request,
@@ -28,14 +28,15 @@ from .certificates import (
     save_credentials,
     topic_problem,
 )
-from .config import ApnsConfig, Config
-from .store import Registration, iso, open_store
-from .usernames import UserKeys
+from dovenotify.core import service_files
+from dovenotify.core.config import ApnsConfig, Config
+from dovenotify.core.usernames import UserKeys
+from dovenotify.store.sqlite import Registration, iso, open_store
 
 
 def register(commands: Any) -> None:
     # Here, not at the top: cli imports this module to call register().
-    from .cli import add_command
+    from dovenotify.cli.main import add_command
 
     help = "Show or replace the APNs certificate."
     cert = commands.add_parser("cert", help=help, description=help)
@@ -114,7 +115,7 @@ def register(commands: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from .cli import load_config
+    from dovenotify.cli.main import load_config
 
     config = load_config(args) if args.file is None else None
     try:
@@ -183,7 +184,7 @@ def _problem(credentials: Credentials, apns: ApnsConfig | None) -> str | None:
 
 
 def _request(args: argparse.Namespace) -> int:
-    from .cli import UsageError
+    from dovenotify.cli.main import UsageError
 
     problem = topic_problem(args.topic)
     if problem:
@@ -223,7 +224,7 @@ def _request(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .cli import UsageError, load_config
+    from dovenotify.cli.main import UsageError, load_config
 
     config = load_config(args)
     try:
@@ -239,7 +240,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _install(credentials: Credentials, config: Config) -> str:
-    from .cli import UsageError
+    from dovenotify.cli.main import UsageError
 
     apns = config.apns
     if apns.certificate is None:
@@ -266,7 +267,8 @@ def _install(credentials: Credentials, config: Config) -> str:
 def _test_push(args: argparse.Namespace) -> int:
     import trio
 
-    from .cli import UsageError, load_config
+    from dovenotify.cli.main import UsageError, load_config
+
     from .service import describe
 
     config = load_config(args)
@@ -285,7 +287,7 @@ def _test_push(args: argparse.Namespace) -> int:
         raise UsageError(str(error)) from None
 
     async def push_all() -> list[str]:
-        from .apns import Push
+        from dovenotify.apns.protocol import Push
 
         answers = []
         async with open_sender(config.apns, auth) as sender:
@@ -313,7 +315,7 @@ def _test_push(args: argparse.Namespace) -> int:
 
 
 def _import_xapsd(args: argparse.Namespace) -> int:
-    from .cli import UsageError, load_config
+    from dovenotify.cli.main import UsageError, load_config
 
     config = load_config(args)
     try:
@@ -409,7 +411,7 @@ def _import_entries(
 
 
 def _export(credentials: Credentials | None, target: Path) -> str:
-    from .cli import UsageError
+    from dovenotify.cli.main import UsageError
 
     if credentials is None:
         raise UsageError(
@@ -432,7 +434,7 @@ def _install_for_import(
     config: Config,
 ) -> str:
     """Put xapsd's certificate in place unless one is there; the topic to register with."""
-    from .cli import UsageError
+    from dovenotify.cli.main import UsageError
 
     apns = config.apns
     if isinstance(from_config, xapsd_import.TokenSettings):

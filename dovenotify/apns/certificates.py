@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from . import service_files
+from dovenotify.core import service_files
 
 # No DSA: APNs certificates are RSA or EC, and naming cryptography's DSA class
 # warns on every command since cryptography 51 deprecated it. A DSA key is refused

@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .compat import CompatApi
-from .config import Config
-from .events import Event
-from .httpserver import Handler, open_listeners, serve_http
-from .metrics import MetricsApi, Samples
-from .store import Registration
+from dovenotify.admin.compat import CompatApi
+from dovenotify.admin.httpserver import Handler, open_listeners, serve_http
+from dovenotify.admin.metrics import MetricsApi, Samples
+from dovenotify.core.config import Config
+from dovenotify.events.decoder import Event
+from dovenotify.store.sqlite import Registration
 
 if TYPE_CHECKING:
-    from .relay import Relay
+    from dovenotify.relay.server import Relay
+
     from .service import Service
 
 log = logging.getLogger("dovenotify")

@@ -25,12 +25,12 @@ from typing import Any
 
 import attrs
 
-from .dispatch import wants
-from .events import Event
-from .httpserver import Request, Response
-from .mailboxes import MailboxNameError, decode_all
-from .relay import store_registration
-from .store import Registration
+from dovenotify.admin.httpserver import Request, Response
+from dovenotify.core.mailboxes import MailboxNameError, decode_all
+from dovenotify.events.decoder import Event
+from dovenotify.events.dispatch import wants
+from dovenotify.relay.server import store_registration
+from dovenotify.store.sqlite import Registration
 
 log = logging.getLogger("dovenotify.compat")
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import attrs
 
-from .apns_sender import ApnsSender
-from .apns_token import TokenSigner, load_token_key
-from .certificates import CertificateError, Credentials, load_credentials
-from .config import ApnsConfig, ConfigError
-from .config import load as load_config
+from dovenotify.apns.certificates import CertificateError, Credentials, load_credentials
+from dovenotify.apns.sender import ApnsSender
+from dovenotify.apns.token import TokenSigner, load_token_key
+from dovenotify.core.config import ApnsConfig, ConfigError
+from dovenotify.core.config import load as load_config
 
 log = logging.getLogger("dovenotify")
 

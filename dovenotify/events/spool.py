@@ -18,7 +18,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from .events import BadLine, Event, EventDecoder
+from dovenotify.events.decoder import BadLine, Event, EventDecoder
 
 MODE = 0o622
 # Spooled lines are read and decoded this much at a time: the events of one chunk

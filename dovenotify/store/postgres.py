@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from .mailboxes import upgrade
-from .store import COLUMNS, SCHEMA_VERSION, Registration, StoreError, _criteria
+from dovenotify.core.mailboxes import upgrade
+from dovenotify.store.sqlite import COLUMNS, SCHEMA_VERSION, Registration, StoreError, _criteria
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import attrs
 
-from .mailboxes import upgrade
+from dovenotify.core.mailboxes import upgrade
 
 # 2: mailbox names are stored in UTF-8, no longer as the client spelled them.
 SCHEMA_VERSION = 2
@@ -248,7 +248,7 @@ def open_store(database: str) -> Store:
     """The store for `database`: a SQLite file path, or a postgresql:// URL."""
     if database.startswith(("postgresql://", "postgres://")):
         # Imported here so that SQLite-only sites need no PostgreSQL driver loaded.
-        from .store_postgres import PostgresStore
+        from dovenotify.store.postgres import PostgresStore
 
         return PostgresStore(database)
     return SQLiteStore(Path(database))

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 
 import attrs
 
-from .events import Event
-from .mailboxes import key
-from .store import Registration
+from dovenotify.core.mailboxes import key
+from dovenotify.events.decoder import Event
+from dovenotify.store.sqlite import Registration
 
 IMMEDIATE = frozenset({"MessageNew", "MessageAppend"})
 DELAYED = frozenset({"MessageExpunge", "FlagsSet", "FlagsClear", "MailboxRename", "MailboxDelete"})

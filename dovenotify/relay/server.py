@@ -26,8 +26,8 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from . import imapscan, xaps, zerocopy
-from .store import Registration
+from dovenotify.relay import imapscan, xaps, zerocopy
+from dovenotify.store.sqlite import Registration
 
 log = logging.getLogger("dovenotify.relay")
 

@@ -10,10 +10,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cli_certs, cli_db, cli_devices, cli_doctor, cli_relay, dovecot_config, setup
-from . import config as configuration
-from .store import StoreError, iso, open_store
-from .usernames import UserKeys
+from dovenotify.cli import certs as cli_certs
+from dovenotify.cli import db as cli_db
+from dovenotify.cli import devices as cli_devices
+from dovenotify.cli import doctor as cli_doctor
+from dovenotify.cli import relay as cli_relay
+from dovenotify.cli import setup
+from dovenotify.core import config as configuration
+from dovenotify.core.usernames import UserKeys
+from dovenotify.dovecot import config as dovecot_config
+from dovenotify.store.sqlite import StoreError, iso, open_store
 
 DOVECOT_FILES = ("dovenotify.lua", "postlogin.py")
 
@@ -96,7 +102,8 @@ def run_daemon(
     """Run a long-lived command (`serve`, `relay`) with logging set up as configured."""
     import trio
 
-    from . import certificates, logsetup
+    from dovenotify.apns import certificates
+    from dovenotify.core import logsetup
 
     config = load_config(args)
     logsetup.configure(config.log_level, config.log_format)
@@ -108,7 +115,7 @@ def run_daemon(
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from . import service
+    from dovenotify import service
 
     return run_daemon(args, service.serve)
 
@@ -182,7 +189,7 @@ def dovecot_snippet(config: configuration.Config, version: str) -> str:
 def install_dovecot_files(directory: Path) -> list[Path]:
     """Copy the Lua script and helper where Dovecot's unprivileged users can read them;
     return the files that changed."""
-    source = Path(__file__).parent / "dovecot"
+    source = Path(dovecot_config.__file__).parent
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
     changed = []

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .store import Registration
+from dovenotify.store.sqlite import Registration
 
 DeviceKey = tuple[str, str, str]
 

@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
 
-from . import apns
-from .dispatch import DELAYED, IMMEDIATE, wants
-from .events import BadLine, Event
-from .httpserver import Request, Response
-from .store import Registration
+from dovenotify.admin.httpserver import Request, Response
+from dovenotify.apns import protocol as apns
+from dovenotify.events.decoder import BadLine, Event
+from dovenotify.events.dispatch import DELAYED, IMMEDIATE, wants
+from dovenotify.store.sqlite import Registration
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds from Dovecot's event to APNs's answer: new mail is pushed within

@@ -13,7 +13,7 @@ import re
 
 import attrs
 
-from . import mailboxes as names
+from dovenotify.core import mailboxes as names
 
 SUBTOPIC = "com.apple.mobilemail"
 MAX_TOKEN_LENGTH = 200

@@ -18,10 +18,10 @@ import trio
 
 from dovenotify.apns.auth import load_auth, reload_auth
 from dovenotify.core.config import Config
+from dovenotify.core.sockets import notify_ready, remove_socket, socket_file
 from dovenotify.core.usernames import UserKeys
-from dovenotify.store.sqlite import open_store
-
-from .service import notify_ready, open_relay, register_keyed, remove_socket, socket_file
+from dovenotify.relay.listen import open_relay, register_keyed
+from dovenotify.store.backends import open_store
 
 log = logging.getLogger("dovenotify.relay")
 

@@ -1,499 +1,92 @@
-"""`dovenotify serve`: wires listeners, dispatcher, outbox and sender in one nursery.
+"""`dovenotify serve`: builds the parts from the configuration and runs them in one nursery.
 
-Signals: SIGTERM/SIGINT stop accepting, push whatever is pending (delayed pushes
-included) for up to `drain_timeout` seconds, then exit. SIGHUP loads the APNs
-credentials again (a replaced certificate) and resumes sending if it was paused.
+The parts are the relay (relay/, unless `dovenotify relay` holds it), the event
+intake (push/intake.py: socket, spool, dispatcher), the sending loop
+(push/sending.py: outbox, APNs), the HTTP endpoints (admin/) and the expiry
+sweep (store/). Signals: SIGTERM/SIGINT stop accepting, push whatever is pending
+(delayed pushes included) for up to `drain_timeout` seconds, then exit. SIGHUP
+loads the APNs credentials again (a replaced certificate) and resumes sending if
+it was paused.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import logging
-import os
 import signal
-import socket
-import time
-from collections.abc import Callable
-from pathlib import Path
 
-import attrs
 import trio
 
-from dovenotify.admin.endpoints import open_endpoints, serve_endpoints
+from dovenotify.admin.compat import CompatApi
+from dovenotify.admin.endpoints import Gauges, open_endpoints, serve_endpoints
 from dovenotify.admin.metrics import Metrics
-from dovenotify.apns import protocol as apns
-from dovenotify.apns.auth import (
-    Auth,
-    configure_sender,
-    expiry_warning,
-    load_auth,
-    open_sender,
-    reload_auth,
-)
-from dovenotify.apns.outbox import Gate, Outbox
-from dovenotify.apns.sender import ApnsSender
+from dovenotify.apns.auth import load_auth, open_sender
+from dovenotify.apns.outbox import Outbox
 from dovenotify.core import directories
 from dovenotify.core.config import Config
+from dovenotify.core.sockets import notify_ready, remove_socket, socket_file, unix_listener
 from dovenotify.core.usernames import UserKeys
 from dovenotify.events import spool
-from dovenotify.events.decoder import BadLine, Event, EventDecoder
 from dovenotify.events.dispatch import Dispatcher
-from dovenotify.events.peers import PeerRule, peer_of
-from dovenotify.relay import server as relay
-from dovenotify.store.expiry import sweep_expired, unexpired
-from dovenotify.store.sqlite import Registration, Store, StoreError, open_store
+from dovenotify.events.peers import PeerRule
+from dovenotify.push import Intake, Sending
+from dovenotify.relay.listen import open_relay, register_keyed
+from dovenotify.store.backends import open_store
+from dovenotify.store.base import Registration, Store
+from dovenotify.store.expiry import sweep_expired
 
 log = logging.getLogger("dovenotify")
-
-EVENT_CONNECTION_TIMEOUT = 10.0
-# Each open event connection holds a task and its buffers. Past this many, new
-# ones wait in the listen queue, and a Lua driver that waits past its timeout
-# spools its lines: a burst costs latency, never unbounded memory.
-MAX_EVENT_CONNECTIONS = 256
-# How often the spool is checked for events the Lua driver could not send us
-# (e.g. while this process was stopped): a stat() of one file.
-SPOOL_CHECK_INTERVAL = 2.0
-# Time for a writer that opened the spool just before a drain to finish its append.
-SPOOL_GRACE = 0.5
-SEND_CONCURRENCY = 64
-DRAIN_TIMEOUT = 10.0
-EXPIRY_CHECK_INTERVAL = 3600.0
-NOT_FOR_TOPIC = apns.Action.TOKEN_NOT_FOR_TOPIC.value
-
-
-@attrs.define
-class Service:
-    config: Config
-    store: Store
-    sender: ApnsSender
-    auth: Auth
-    dispatcher: Dispatcher = attrs.field(factory=Dispatcher)
-    outbox: Outbox = attrs.field(factory=Outbox)
-    gate: Gate = attrs.field(factory=Gate)
-    metrics: Metrics = attrs.field(factory=Metrics)
-    usernames: UserKeys = attrs.field(factory=UserKeys)
-    event_peers: PeerRule | None = None
-    _expiry_warned: int | None = None
-    _wakeup: trio.Event = attrs.field(factory=trio.Event)
-    _progress: trio.Event = attrs.field(factory=trio.Event)
-
-    # --- events ----------------------------------------------------------
-
-    async def serve_events(self, listener: trio.SocketListener) -> None:
-        # A semaphore, not a CapacityLimiter: the connection's task releases it.
-        room = trio.Semaphore(MAX_EVENT_CONNECTIONS)
-        async with trio.open_nursery() as nursery:
-            while True:
-                await room.acquire()
-                stream = await listener.accept()
-                if self._event_peer_allowed(stream):
-                    nursery.start_soon(self._read_events, stream, room)
-                else:
-                    await stream.aclose()
-                    room.release()
-
-    def _event_peer_allowed(self, stream: trio.SocketStream) -> bool:
-        if self.event_peers is None:
-            return True
-        peer = peer_of(stream.socket)  # type: ignore[arg-type]
-        if self.event_peers.allows(peer):
-            return True
-        log.warning(
-            "refused events from pid %d (uid %d, gid %d): event_peers allows only %s",
-            peer.pid,
-            peer.uid,
-            peer.gid,
-            self.event_peers.describe(),
-        )
-        return False
-
-    async def _read_events(self, stream: trio.SocketStream, room: trio.Semaphore) -> None:
-        decoder = EventDecoder()
-        items: list[Event | BadLine] = []
-        try:
-            async with stream:
-                with trio.move_on_after(EVENT_CONNECTION_TIMEOUT):
-                    while data := await _receive(stream):
-                        items += decoder.feed(data)
-            items += decoder.close()
-            await self._handle_items(items)
-        finally:
-            room.release()
-
-    async def _handle_items(self, items: list[Event | BadLine], *, late: bool = False) -> None:
-        for item in items:
-            if isinstance(item, BadLine):
-                self.metrics.dropped(item)
-                where = "a spooled" if late else "an"
-                log.warning("skipped %s event line: %s: %r", where, item.reason, item.excerpt)
-            else:
-                await self.handle_event(item, late=late)
-
-    async def handle_event(self, event: Event, *, late: bool = False) -> None:
-        if event.service not in self.config.push_services:
-            log.debug("ignored %s in %s from %s", event.name, event.mailbox, event.service)
-            return
-        user = self.usernames.key(event.username)
-        try:
-            devices = await trio.to_thread.run_sync(self.store.devices, user)
-        except StoreError as e:
-            # The mail is delivered regardless; what is lost is this one push.
-            log.error("no push for %s's %s: cannot read registrations: %s", user, event.name, e)
-            return
-        devices = unexpired(devices, self.config.registration_ttl, time.time())
-        now = trio.current_time()
-        self.metrics.event(event, devices, now)
-        if not devices:
-            return
-        for device in self.dispatcher.event(event, devices, now, late=late):
-            log.debug("push %s now: %s in %s", _who(device), event.name, event.mailbox)
-            self.outbox.submit(device)
-        self._wakeup.set()
-
-    async def drain_spool(self) -> None:
-        """Push for the events the Lua driver spooled while it could not reach us."""
-        path = self.config.event_spool
-        problem = None
-        while True:
-            try:
-                found = await trio.to_thread.run_sync(spool.set_aside, path)
-                if found:
-                    await trio.sleep(SPOOL_GRACE)
-                    items = await trio.to_thread.run_sync(spool.take_aside, path)
-                problem = None
-            except OSError as e:
-                found = False
-                if str(e) != problem:  # once, not every few seconds
-                    problem = str(e)
-                    log.warning("cannot drain the event spool %s: %s", path, e)
-            if found:
-                count = sum(isinstance(item, Event) for item in items)
-                log.info("%d event(s) from the spool, made while dovenotify was away", count)
-                await self._handle_items(items, late=True)
-            await trio.sleep(SPOOL_CHECK_INTERVAL)
-
-    @property
-    def topic(self) -> str:
-        return self.auth.topic
-
-    # --- registrations ---------------------------------------------------
-
-    async def register(self, registration: Registration) -> None:
-        await register_keyed(self.store, self.usernames, registration)
-
-    # --- sending ---------------------------------------------------------
-
-    async def run_sender(self) -> None:
-        """Move due pushes to the outbox and send what is ready, within a bound."""
-        limit = trio.CapacityLimiter(SEND_CONCURRENCY)
-        async with trio.open_nursery() as nursery:
-            while True:
-                now = trio.current_time()
-                for device in self.dispatcher.due(now):
-                    self.outbox.submit(device)
-                while (
-                    self.gate.is_open(now)
-                    # While APNs refuses us, one probe at a time.
-                    and (self.gate.refused is None or not limit.borrowed_tokens)
-                    and limit.available_tokens
-                    and (device := self.outbox.take(now))
-                ):
-                    # A ticket per send, not the device: a device pushed again (mail
-                    # came while it was in flight) can be taken before its previous
-                    # send has given its token back.
-                    ticket = object()
-                    await limit.acquire_on_behalf_of(ticket)
-                    nursery.start_soon(self._send, device, limit, ticket)
-                retry = self.outbox.next_retry()
-                if retry is not None:
-                    retry = max(retry, self.gate.opens_at())
-                elif len(self.outbox) and not self.gate.is_open(now):
-                    retry = self.gate.opens_at()
-                deadline = min(
-                    (t for t in (self.dispatcher.next_due(), retry) if t),
-                    default=None,
-                )
-                self._wakeup = trio.Event()
-                with trio.move_on_at(deadline if deadline is not None else float("inf")):
-                    await self._wakeup.wait()
-
-    async def _send(
-        self, device: Registration, limit: trio.CapacityLimiter, ticket: object
-    ) -> None:
-        try:
-            if not await self._pushable(device):
-                self.outbox.delivered(device)
-                return
-            push = apns.Push(
-                device_token=device.device_token,
-                topic=device.topic,
-                account_id=device.account_id,
-                push_type=self.config.apns.push_type,
-                expiration_seconds=self.config.apns.expiration,
-                priority=self.config.apns.priority,
-            )
-            outcome = await self.sender.send(push)
-            await self._record(device, outcome)
-        except StoreError as e:
-            # The push went out; only its bookkeeping failed. Sending goes on.
-            log.error("could not record the push to %s: %s", _who(device), e)
-        finally:
-            limit.release_on_behalf_of(ticket)
-            self._wakeup.set()
-            self._progress.set()
-
-    async def _pushable(self, device: Registration) -> bool:
-        """Not for a registration the current credentials cannot push to.
-
-        It stays (the device re-registers under the new topic at its next login),
-        and `dovenotify devices` shows why it gets no pushes.
-        """
-        if (
-            device.last_push_result is not None
-            and device.last_push_result.startswith(NOT_FOR_TOPIC)
-            and device.last_push_at is not None
-            and device.last_push_at >= device.registered_at
-        ):
-            return False
-        if device.topic in self.auth.topics:
-            return True
-        result = f"not pushed: topic {device.topic} is not served by {self.auth.describe()}"
-        if device.last_push_result != result:
-            log.warning("%s is registered for another topic: %s", _who(device), result)
-            await trio.to_thread.run_sync(self.store.record_push, device.key, time.time(), result)
-        return False
-
-    async def _record(self, device: Registration, outcome: apns.Outcome) -> None:
-        result = describe(outcome)
-        now = trio.current_time()
-        self.metrics.pushed(device, outcome, now)
-        if outcome.status is None and outcome.action is apns.Action.RETRY:
-            self.gate.transport_failed(now)
-        elif outcome.action is apns.Action.CONFIG_ERROR:
-            # Every push would be refused alike: keep them all until it is fixed.
-            self.outbox.hold(device)
-            if self.gate.refuse(result, now):
-                log.error(
-                    "APNs refused a push to %s: %s. Sending is paused until the"
-                    " credentials are fixed and dovenotify is reloaded (SIGHUP);"
-                    " pending pushes are kept.",
-                    _who(device),
-                    result,
-                )
-            return
-        else:
-            self.gate.answered()
-        # An outage is told once per kind of failure, and when it ends, rather than
-        # once per device and retry.
-        trouble = _trouble(outcome)
-        if trouble is not None:
-            if self.gate.trouble(trouble, now):
-                log.warning("%s; pending pushes are kept and retried with backoff", trouble)
-        elif outcome.status is not None and (lasted := self.gate.recovered(now)) is not None:
-            # Pushes held back by the outage need not wait out their backoffs.
-            resumed = self.outbox.resume()
-            log.info("APNs answers normally again after %.0f s; %d pushes resume", lasted, resumed)
-        if outcome.action is apns.Action.RETRY:
-            if self.outbox.failed(device, now, shared=trouble is not None):
-                log.log(
-                    logging.DEBUG if trouble else logging.INFO,
-                    "push to %s will be retried: %s",
-                    _who(device),
-                    result,
-                )
-            else:
-                log.warning("gave up pushing to %s: %s", _who(device), result)
-                self.metrics.gave_up(device)
-            return
-        self.outbox.delivered(device)
-        log.debug("pushed %s: %s", _who(device), result)
-        await trio.to_thread.run_sync(self.store.record_push, device.key, time.time(), result)
-        if outcome.action is apns.Action.DROP_TOKEN:
-            # A 410 carries when APNs learnt the token was dead: a registration
-            # made after that is a fresh one and stays.
-            before = outcome.timestamp_ms / 1000 if outcome.timestamp_ms else None
-            removed = await trio.to_thread.run_sync(
-                lambda: self.store.remove(
-                    username=device.username,
-                    account_id=device.account_id,
-                    device_token=device.device_token,
-                    registered_before=before,
-                )
-            )
-            if removed:
-                log.info("removed %s: APNs says %s", _who(device), outcome.reason)
-        elif outcome.action is apns.Action.TOKEN_NOT_FOR_TOPIC:
-            log.warning(
-                "%s: APNs says the token does not belong to topic %s; no more pushes"
-                " to it until the device registers again",
-                _who(device),
-                device.topic,
-            )
-
-    # --- credentials -----------------------------------------------------
-
-    async def reload(self) -> None:
-        """Load the credentials again (SIGHUP), and resume sending with them."""
-        reloaded = reload_auth(self.config.path, self.auth)
-        if reloaded is None:
-            return
-        apns_config, auth = reloaded
-        # The connection in use takes no new pushes; those in flight finish there.
-        configure_sender(self.sender, apns_config, auth)
-        self.auth = auth
-        self.config = attrs.evolve(self.config, apns=apns_config)
-        self._expiry_warned = None
-        self.check_expiry()
-        self.gate.reopen()
-        self._wakeup.set()
-        log.info("reloaded: now using %s", auth.describe())
-
-    def check_expiry(self) -> None:
-        credentials = self.auth.credentials
-        if credentials is None:
-            return
-        days = credentials.days_left()
-        threshold = expiry_warning(days)
-        if threshold is not None and threshold != self._expiry_warned:
-            self._expiry_warned = threshold
-            log.warning(
-                "the APNs certificate %s expires on %s, in %.0f days: replace it before then"
-                " (`dovenotify cert import`, then reload)",
-                credentials.source,
-                f"{credentials.not_after:%Y-%m-%d %H:%M} UTC",
-                days,
-            )
-
-    async def watch_expiry(self) -> None:
-        while True:
-            await trio.sleep(EXPIRY_CHECK_INTERVAL)
-            self.check_expiry()
-
-    # --- shutdown --------------------------------------------------------
-
-    async def drain(self) -> None:
-        for device in self.dispatcher.flush():
-            self.outbox.submit(device)
-        self._wakeup.set()
-        with trio.move_on_after(DRAIN_TIMEOUT):
-            # While APNs refuses our credentials, waiting would send nothing.
-            while len(self.outbox) and self.gate.refused is None:
-                self._progress = trio.Event()
-                await self._progress.wait()
-        if len(self.outbox):
-            log.warning("stopped with %d pushes unsent", len(self.outbox))
-
-
-def describe(outcome: apns.Outcome) -> str:
-    if outcome.action is apns.Action.DELIVERED:
-        return "delivered"
-    status = f"{outcome.status} " if outcome.status else ""
-    return f"{outcome.action.value} ({status}{outcome.reason})"
-
-
-def _trouble(outcome: apns.Outcome) -> str | None:
-    """What is wrong with APNs as a whole, when a retry says so (not a 429)."""
-    if outcome.action is not apns.Action.RETRY:
-        return None
-    if outcome.status is None:
-        kind = outcome.reason.split(":", 1)[0]
-        # A connection that never came up says why (DNS, refused, TLS): what the admin fixes.
-        return f"APNs cannot be reached ({outcome.reason if kind == 'ConnectError' else kind})"
-    if outcome.status >= 500:
-        return f"APNs answers {outcome.status} {outcome.reason}"
-    return None
-
-
-def _who(device: Registration) -> str:
-    return f"{device.username} device {relay.short_token(device.device_token)}"
-
-
-async def _receive(stream: trio.SocketStream) -> bytes:
-    try:
-        return await stream.receive_some(65536)
-    except trio.BrokenResourceError:
-        return b""
-
-
-async def register_keyed(store: Store, usernames: UserKeys, registration: Registration) -> None:
-    """Store a registration under the user key that events are matched by."""
-    user = usernames.key(registration.username)
-    await trio.to_thread.run_sync(store.register, attrs.evolve(registration, username=user))
-
-
-def open_relay(
-    config: Config, topic: Callable[[], str], register: relay.Register
-) -> tuple[relay.Relay, trio.SocketListener]:
-    """The relay and its socket: in `serve`, or in `dovenotify relay` (relay_process)."""
-    the_relay = relay.Relay(
-        topic=topic, register=register, allowed_uids=relay.allowed_uids(config.relay_peers)
-    )
-    return the_relay, unix_listener(config.relay_socket, 0o666)
-
-
-def unix_listener(path: Path, mode: int) -> trio.SocketListener:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bind the stdlib way: trio's bind is async only to resolve names.
-    sock._sock.bind(str(path))  # type: ignore[attr-defined]
-    os.chmod(path, mode)
-    sock.listen(512)
-    return trio.SocketListener(sock)
-
-
-def socket_file(path: Path) -> tuple[int, int] | None:
-    """Which file is at `path` now (device, inode); None if there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def remove_socket(path: Path, bound: tuple[int, int] | None) -> None:
-    """Remove the socket file we bound, but not one bound at that path since: a
-    `dovenotify relay` started before the inline relay it replaces has stopped."""
-    if bound is not None and socket_file(path) == bound:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-
-def notify_ready() -> None:
-    """Tell systemd (Type=notify) or a test harness that we are up."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.sendto(b"READY=1", address)
 
 
 async def serve(config: Config) -> None:
     directories.check(config)
     auth = load_auth(config.apns)
     store = open_store(config.database)
-    service = Service(
+    usernames = UserKeys(config.username_format, config.default_domain)
+    sending = Sending(
         config=config,
         store=store,
         sender=open_sender(config.apns, auth),
         auth=auth,
-        outbox=Outbox(retry_deadline=config.retry_deadline),
         dispatcher=Dispatcher(delay=config.delay, max_delay=config.max_delay),
-        usernames=UserKeys(config.username_format, config.default_domain),
+        metrics=Metrics(),
+        outbox=Outbox(retry_deadline=config.retry_deadline),
+    )
+    intake = Intake(
+        config=config,
+        store=store,
+        sending=sending,
+        usernames=usernames,
         event_peers=PeerRule.parse(config.event_peers) if config.event_peers else None,
     )
-    service.check_expiry()
+    register = functools.partial(register_keyed, store, usernames)
+    sending.check_expiry()
     # relay_process: separate leaves the relay socket, and its sessions, to `dovenotify relay`.
     the_relay, relayed = None, None
     if config.relay_process == "inline":
-        the_relay, relayed = open_relay(config, lambda: service.topic, service.register)
+        the_relay, relayed = open_relay(config, lambda: sending.topic, register)
     events = unix_listener(config.event_socket, 0o666)
     sockets = [config.event_socket, *([config.relay_socket] if the_relay else [])]
     bound = {path: socket_file(path) for path in sockets}
-    endpoints = await open_endpoints(service, the_relay)
+    gauges = Gauges(
+        store=store,
+        pending=sending.__len__,
+        credentials=lambda: sending.auth.credentials,
+        # A separate `dovenotify relay` holds the sessions: not ours to count.
+        relayed=(lambda: the_relay.connections) if the_relay else None,
+    )
+    endpoints = await open_endpoints(
+        config,
+        sending.metrics,
+        gauges,
+        CompatApi(
+            lambda: sending.topic,
+            register,
+            functools.partial(_devices, store, usernames),
+            intake.handle_event,
+        ),
+        sending.topic,
+    )
     try:
         spool.create(config.event_spool)
     except OSError as e:
@@ -505,15 +98,15 @@ async def serve(config: Config) -> None:
         )
     try:
         # The sender's connection runs in its own nursery, closed after this one.
-        async with service.sender, trio.open_nursery() as nursery:
-            nursery.start_soon(service.serve_events, events)
+        async with sending.sender, trio.open_nursery() as nursery:
+            nursery.start_soon(intake.serve_events, events)
             if the_relay is not None:
                 nursery.start_soon(the_relay.serve, relayed)
-            nursery.start_soon(service.run_sender)
+            nursery.start_soon(sending.run_sender)
             nursery.start_soon(serve_endpoints, endpoints)
             nursery.start_soon(sweep_expired, store, config.registration_ttl)
-            nursery.start_soon(service.watch_expiry)
-            nursery.start_soon(service.drain_spool)
+            nursery.start_soon(sending.watch_expiry)
+            nursery.start_soon(intake.drain_spool)
             log.info(
                 "dovenotify is running: events on %s, relay %s, %s, APNs %s",
                 config.event_socket,
@@ -526,13 +119,17 @@ async def serve(config: Config) -> None:
                 notify_ready()
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        await service.reload()
+                        await sending.reload()
                         continue
                     log.info("stopping on %s", signal.Signals(signum).name)
                     break
-            await service.drain()
+            await sending.drain()
             nursery.cancel_scope.cancel()
     finally:
         for path in sockets:
             remove_socket(path, bound[path])
         store.close()
+
+
+async def _devices(store: Store, usernames: UserKeys, username: str) -> list[Registration]:
+    return await trio.to_thread.run_sync(store.devices, usernames.key(username))

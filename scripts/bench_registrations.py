@@ -25,7 +25,8 @@ from pathlib import Path
 
 import psycopg
 
-from dovenotify.store.sqlite import Registration, open_store
+from dovenotify.store.backends import open_store
+from dovenotify.store.base import Registration
 from scripts.bench_table import percentile, print_table
 from tests.harness.postgres import running_postgres
 from tests.harness.service import dovenotify_command, write_config

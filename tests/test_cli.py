@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dovenotify.core import config
-from dovenotify.store.sqlite import Registration, SQLiteStore
+from dovenotify.store.base import Registration
+from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.service import dovenotify_command
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,7 +25,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 
 from dovenotify.apns.certificates import load_credentials
-from dovenotify.store.sqlite import Registration, SQLiteStore
+from dovenotify.store.base import Registration
+from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.apns_standin import Answer, ApnsStandin, RecordedRequest
 from tests.harness.certs import P12_PASSWORD, ClientCert, Pki
 from tests.harness.service import (

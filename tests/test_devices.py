@@ -6,8 +6,9 @@ from pathlib import Path
 
 import trio
 
+from dovenotify.store.base import Registration
 from dovenotify.store.expiry import sweep_expired
-from dovenotify.store.sqlite import Registration, SQLiteStore
+from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.dovecot import deliver
 from tests.harness.service import dovenotify_command
 from tests.harness.stack import run_stack

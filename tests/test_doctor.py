@@ -21,7 +21,8 @@ from dovenotify.dovecot.config import (
     DEFAULT_RELAY_SOCKET,
     render_example,
 )
-from dovenotify.store.sqlite import Registration, SQLiteStore
+from dovenotify.store.base import Registration
+from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.apns_standin import ApnsStandin
 from tests.harness.certs import Pki
 from tests.harness.dovecot import free_ports, installation, make_root

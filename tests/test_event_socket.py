@@ -17,7 +17,7 @@ from pathlib import Path
 import trio
 
 from dovenotify.events.decoder import MAX_LINE
-from dovenotify.service import MAX_EVENT_CONNECTIONS
+from dovenotify.push.intake import MAX_EVENT_CONNECTIONS
 from tests.harness.dovecot import deliver, installation
 from tests.harness.stack import Stack, run_stack
 

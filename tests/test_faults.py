@@ -24,7 +24,7 @@ import psycopg
 import pytest
 import trio
 
-from dovenotify.store.sqlite import open_store
+from dovenotify.store.backends import open_store
 from tests.harness.apns_standin import Answer, run_apns_standin
 from tests.harness.dovecot import deliver, free_ports
 from tests.harness.postgres import postgres_server, postgres_url

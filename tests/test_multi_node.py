@@ -6,7 +6,7 @@ import subprocess
 import psycopg
 import trio
 
-from dovenotify.store.sqlite import SCHEMA_VERSION
+from dovenotify.store.base import SCHEMA_VERSION
 from tests.harness.dovecot import deliver, start_dovecot
 from tests.harness.postgres import postgres_server, postgres_url
 from tests.harness.service import dovenotify_command, run_service, write_config

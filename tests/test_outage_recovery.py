@@ -17,8 +17,9 @@ from dovenotify.apns.auth import load_auth, open_sender
 from dovenotify.apns.outbox import Outbox
 from dovenotify.core.config import ApnsConfig, Config
 from dovenotify.events.decoder import Event
-from dovenotify.service import Service
-from dovenotify.store.sqlite import Registration, open_store
+from dovenotify.push import Intake, Sending
+from dovenotify.store.backends import open_store
+from dovenotify.store.base import Registration
 from tests.harness.apns_standin import Answer, RecordedRequest, run_apns_standin
 from tests.harness.certs import Pki
 
@@ -51,16 +52,18 @@ async def test_pushes_flow_within_the_probe_interval_after_apns_recovers(
         auth = load_auth(apns)
         for n, token in enumerate(TOKENS):
             store.register(Registration("alice", f"ACC-{n}", token, auth.topic, ("INBOX",)))
-        service = Service(
-            config=Config(path=tmp_path / "dovenotify.yaml", apns=apns),
+        config = Config(path=tmp_path / "dovenotify.yaml", apns=apns)
+        sending = Sending(
+            config=config,
             store=store,
             sender=open_sender(apns, auth),
             auth=auth,
             outbox=Outbox(probe_interval=PROBE_INTERVAL, jitter=lambda: 1.0),
         )
-        async with service.sender, trio.open_nursery() as nursery:
-            nursery.start_soon(service.run_sender)
-            await service.handle_event(Event("MessageNew", "alice", "INBOX", "lmtp"))
+        intake = Intake(config=config, store=store, sending=sending)
+        async with sending.sender, trio.open_nursery() as nursery:
+            nursery.start_soon(sending.run_sender)
+            await intake.handle_event(Event("MessageNew", "alice", "INBOX", "lmtp"))
             # The outage lasts until every device has failed ROUNDS times; one of
             # them may also have been the probe, the others were asked only at
             # their own pace.

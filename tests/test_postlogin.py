@@ -14,7 +14,7 @@ import time
 
 import trio
 
-from dovenotify.cli.main import install_dovecot_files
+from dovenotify.dovecot.files import install_dovecot_files
 from tests.harness.stack import SYSTEM_PYTHON, run_stack
 from tests.test_relay import ACCOUNT, TOKEN
 

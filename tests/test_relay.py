@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from dovenotify.store.sqlite import Registration, SQLiteStore
+from dovenotify.store.base import Registration
+from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.dovecot import deliver
 from tests.harness.handoff import hand_over, relays
 from tests.harness.imap_client import ImapClient

@@ -19,9 +19,9 @@ import trio
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from dovenotify.core.sockets import unix_listener
 from dovenotify.dovecot.postlogin import hello_line
 from dovenotify.relay import server as relay
-from dovenotify.service import unix_listener
 from tests.harness.handoff import relays
 
 names = st.text(st.characters(blacklist_categories=["Cs"]), max_size=20)

@@ -13,15 +13,10 @@ import psycopg
 import pytest
 
 from dovenotify.events.dispatch import wants
+from dovenotify.store.backends import open_store
+from dovenotify.store.base import COLUMNS, SCHEMA_VERSION, Registration, StoreError
 from dovenotify.store.postgres import MIGRATIONS
-from dovenotify.store.sqlite import (
-    COLUMNS,
-    SCHEMA,
-    SCHEMA_VERSION,
-    Registration,
-    StoreError,
-    open_store,
-)
+from dovenotify.store.sqlite import SCHEMA
 from tests.harness.postgres import Postgres, postgres_server, postgres_url
 
 __all__ = ["postgres_server", "postgres_url"]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from dovenotify.store.sqlite import Registration, SQLiteStore
+from dovenotify.store.base import Registration
+from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.handoff import hand_over, relays
 from tests.harness.service import dovenotify_command, write_config
 from tests.harness.stack import service_settings

@@ -30,7 +30,7 @@ from dovenotify.core.mailboxes import MailboxNameError, decode_all
 from dovenotify.events.decoder import Event
 from dovenotify.events.dispatch import wants
 from dovenotify.relay.server import store_registration
-from dovenotify.store.sqlite import Registration
+from dovenotify.store.base import Registration
 
 log = logging.getLogger("dovenotify.compat")
 

@@ -1,6 +1,7 @@
 """The optional HTTP endpoints of `dovenotify serve`: metrics/health and the xapsd API.
 
-Wiring only: what each endpoint answers lives in metrics.py and compat.py.
+Wiring only: what each endpoint answers lives in metrics.py and compat.py; the
+service hands in where the gauges are read from.
 Started with `nursery.start`, so a port that cannot be bound stops the service
 before it reports ready, with a message naming the key.
 """
@@ -10,21 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
+import attrs
 import trio
 
 from dovenotify.admin.compat import CompatApi
 from dovenotify.admin.httpserver import Handler, open_listeners, serve_http
-from dovenotify.admin.metrics import MetricsApi, Samples
+from dovenotify.admin.metrics import Metrics, MetricsApi, Samples
+from dovenotify.apns.certificates import Credentials
 from dovenotify.core.config import Config
-from dovenotify.events.decoder import Event
-from dovenotify.store.sqlite import Registration
-
-if TYPE_CHECKING:
-    from dovenotify.relay.server import Relay
-
-    from .service import Service
+from dovenotify.core.sockets import socket_file
+from dovenotify.store.base import Store
 
 log = logging.getLogger("dovenotify")
 
@@ -39,44 +37,45 @@ class EndpointError(ValueError):
 Endpoint = tuple[list[trio.SocketListener], Handler]
 
 
-async def open_endpoints(service: Service, relay: Relay | None) -> list[Endpoint]:
+@attrs.frozen
+class Gauges:
+    """Where the gauges are read from, at scrape time, so they cannot drift."""
+
+    store: Store
+    # Pushes not yet answered, delayed ones included.
+    pending: Callable[[], int]
+    credentials: Callable[[], Credentials | None]
+    # None when a separate `dovenotify relay` holds the sessions: not ours to count.
+    relayed: Callable[[], int] | None
+
+
+async def open_endpoints(
+    config: Config, metrics: Metrics, gauges: Gauges, compat: CompatApi, topic: str
+) -> list[Endpoint]:
     """Bind what the configuration asks for, before the service says it is ready."""
-    config = service.config
-    event_socket = _identity(config)
+    event_socket = socket_file(config.event_socket)
 
     async def sample() -> Samples:
-        registrations = await trio.to_thread.run_sync(lambda: len(service.store.devices()))
-        credentials = service.auth.credentials
+        registrations = await trio.to_thread.run_sync(lambda: len(gauges.store.devices()))
+        credentials = gauges.credentials()
         return Samples(
-            pending_pushes=len(service.outbox) + len(service.dispatcher),
+            pending_pushes=gauges.pending(),
             registrations=registrations,
-            # A separate `dovenotify relay` holds the sessions: not ours to count.
-            relayed_connections=relay.connections if relay else None,
+            relayed_connections=gauges.relayed() if gauges.relayed else None,
             certificate_days_left=credentials.days_left() if credentials else None,
             event_listener_problem=_listener_problem(config, event_socket),
         )
 
-    async def devices(username: str) -> list[Registration]:
-        key = service.usernames.key(username)
-        return await trio.to_thread.run_sync(service.store.devices, key)
-
-    async def event(e: Event) -> None:
-        await service.handle_event(e)
-
     wanted: list[tuple[str, tuple[str, int] | None, Handler]] = [
-        ("metrics_listen", config.metrics_listen, MetricsApi(service.metrics, sample).handle),
-        (
-            "compat_listen",
-            config.compat_listen,
-            CompatApi(lambda: service.topic, service.register, devices, event).handle,
-        ),
+        ("metrics_listen", config.metrics_listen, MetricsApi(metrics, sample).handle),
+        ("compat_listen", config.compat_listen, compat.handle),
     ]
-    if config.compat_listen is not None and len(service.topic.encode()) < PLUGIN_MIN_TOPIC:
+    if config.compat_listen is not None and len(topic.encode()) < PLUGIN_MIN_TOPIC:
         log.warning(
             "compat_listen: the topic %s is shorter than %d bytes, which the dovecot-xaps"
             " C plugin rejects with an assertion (its imap process dies); replace the"
             " plugin by dovenotify's Dovecot configuration before using this topic",
-            service.topic,
+            topic,
             PLUGIN_MIN_TOPIC,
         )
     opened: list[Endpoint] = []
@@ -100,14 +99,6 @@ async def serve_endpoints(endpoints: list[Endpoint]) -> None:
     async with trio.open_nursery() as nursery:
         for listeners, handler in endpoints:
             nursery.start_soon(serve_http, listeners, handler)
-
-
-def _identity(config: Config) -> tuple[int, int] | None:
-    try:
-        st = os.stat(config.event_socket)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _listener_problem(config: Config, bound: tuple[int, int] | None) -> str | None:

@@ -20,7 +20,7 @@ from dovenotify.admin.httpserver import Request, Response
 from dovenotify.apns import protocol as apns
 from dovenotify.events.decoder import BadLine, Event
 from dovenotify.events.dispatch import DELAYED, IMMEDIATE, wants
-from dovenotify.store.sqlite import Registration
+from dovenotify.store.base import Registration
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Seconds from Dovecot's event to APNs's answer: new mail is pushed within

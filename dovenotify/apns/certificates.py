@@ -4,6 +4,9 @@ Loading checks what would otherwise surface later as an opaque TLS failure or a
 403 from Apple: that the key belongs to the certificate and that the certificate
 names a topic. Expiry is not a load error: an expired certificate is still worth
 loading to report it (`Credentials.days_left`, `Credentials.is_expired`).
+
+Over 400 lines: loading, checking and writing credentials share the PEM/P12
+parsing and the file-mode rules; split, each half would need the other's internals.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import attrs
 
-from dovenotify.store.sqlite import Registration
+from dovenotify.store.base import Registration
 
 DeviceKey = tuple[str, str, str]
 

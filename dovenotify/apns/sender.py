@@ -16,6 +16,9 @@ this is the trio shell around them:
 
 The connection's tasks run in the sender's own nursery: use it as
 `async with ApnsSender(...) as sender:`.
+
+Over 400 lines: connecting, sending, reading answers, GOAWAY and reconnecting
+are one connection's lifecycle and share its state.
 """
 
 from __future__ import annotations

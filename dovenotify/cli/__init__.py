@@ -1,1 +1,7 @@
-"""dovenotify.cli"""
+"""The `dovenotify` command: one module per command group, each registering itself
+through `registry` (never importing `main` back); `main` builds the parser.
+"""
+
+from dovenotify.cli.main import main
+
+__all__ = ["main"]

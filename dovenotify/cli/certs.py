@@ -2,6 +2,9 @@
 
 `dovenotify cert show`, `dovenotify cert request --topic T`, `dovenotify cert import FILE`,
 `dovenotify test-push --user NAME` and `dovenotify import-xapsd --database database.json`.
+
+Over 400 lines: the credential commands share the reading and checking of
+certificate, key and password files.
 """
 
 from __future__ import annotations
@@ -28,15 +31,15 @@ from dovenotify.apns.certificates import (
     save_credentials,
     topic_problem,
 )
+from dovenotify.cli.registry import UsageError, add_command, load_config
 from dovenotify.core import service_files
 from dovenotify.core.config import ApnsConfig, Config
 from dovenotify.core.usernames import UserKeys
-from dovenotify.store.sqlite import Registration, iso, open_store
+from dovenotify.store.backends import open_store
+from dovenotify.store.base import Registration, iso
 
 
 def register(commands: Any) -> None:
-    # Here, not at the top: cli imports this module to call register().
-    from dovenotify.cli.main import add_command
 
     help = "Show or replace the APNs certificate."
     cert = commands.add_parser("cert", help=help, description=help)
@@ -115,7 +118,6 @@ def register(commands: Any) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from dovenotify.cli.main import load_config
 
     config = load_config(args) if args.file is None else None
     try:
@@ -184,7 +186,6 @@ def _problem(credentials: Credentials, apns: ApnsConfig | None) -> str | None:
 
 
 def _request(args: argparse.Namespace) -> int:
-    from dovenotify.cli.main import UsageError
 
     problem = topic_problem(args.topic)
     if problem:
@@ -224,7 +225,6 @@ def _request(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from dovenotify.cli.main import UsageError, load_config
 
     config = load_config(args)
     try:
@@ -240,7 +240,6 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _install(credentials: Credentials, config: Config) -> str:
-    from dovenotify.cli.main import UsageError
 
     apns = config.apns
     if apns.certificate is None:
@@ -267,9 +266,7 @@ def _install(credentials: Credentials, config: Config) -> str:
 def _test_push(args: argparse.Namespace) -> int:
     import trio
 
-    from dovenotify.cli.main import UsageError, load_config
-
-    from .service import describe
+    from dovenotify.push.sending import describe
 
     config = load_config(args)
     user = UserKeys(config.username_format, config.default_domain).key(args.user)
@@ -315,7 +312,6 @@ def _test_push(args: argparse.Namespace) -> int:
 
 
 def _import_xapsd(args: argparse.Namespace) -> int:
-    from dovenotify.cli.main import UsageError, load_config
 
     config = load_config(args)
     try:
@@ -411,7 +407,6 @@ def _import_entries(
 
 
 def _export(credentials: Credentials | None, target: Path) -> str:
-    from dovenotify.cli.main import UsageError
 
     if credentials is None:
         raise UsageError(
@@ -434,7 +429,6 @@ def _install_for_import(
     config: Config,
 ) -> str:
     """Put xapsd's certificate in place unless one is there; the topic to register with."""
-    from dovenotify.cli.main import UsageError
 
     apns = config.apns
     if isinstance(from_config, xapsd_import.TokenSettings):

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dovenotify.store.sqlite import SCHEMA_VERSION, open_store
+from dovenotify.cli.registry import add_command, load_config
+from dovenotify.store.backends import open_store
+from dovenotify.store.base import SCHEMA_VERSION
 
 
 def register(commands: Any) -> None:
-    # Here, not at the top: cli imports this module to call register().
-    from dovenotify.cli.main import add_command
 
     help = "Manage the registration database."
     db = commands.add_parser("db", help=help, description=help)
@@ -29,7 +29,6 @@ def register(commands: Any) -> None:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from dovenotify.cli.main import load_config
 
     open_store(load_config(args).database).close()
     print(f"The registration database is ready (schema version {SCHEMA_VERSION}).")

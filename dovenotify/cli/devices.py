@@ -1,22 +1,26 @@
-"""`dovenotify devices remove`: delete registrations by user, account id or device token.
+"""`dovenotify devices`: list registrations; `devices remove` deletes them by user,
+account id or device token.
 
-It asks nothing (scripts and admins with a ticket open use it) and prints each
+`remove` asks nothing (scripts and admins with a ticket open use it) and prints each
 registration it removed, so the terminal or log shows exactly what went away.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from typing import Any
 
+from dovenotify.cli.registry import UsageError, add_command, load_config
 from dovenotify.core.usernames import UserKeys
-from dovenotify.relay.server import short_token
-from dovenotify.store.sqlite import open_store
+from dovenotify.store.backends import open_store
+from dovenotify.store.base import iso, short_token
 
 
-def register(devices: argparse.ArgumentParser) -> None:
-    # Here, not at the top: cli imports this module to call register().
-    from dovenotify.cli.main import add_command
-
+def register(commands: Any) -> None:
+    devices = add_command(commands, "devices", "List registered devices.", _devices)
+    devices.add_argument("--user", help="only this user's devices")
+    devices.add_argument("--json", action="store_true", help="print a JSON array")
     actions = devices.add_subparsers(dest="devices_action", metavar="ACTION")
     remove = add_command(
         actions,
@@ -29,9 +33,43 @@ def register(devices: argparse.ArgumentParser) -> None:
     remove.add_argument("--token", help="registrations of this device token")
 
 
-def _remove(args: argparse.Namespace) -> int:
-    from dovenotify.cli.main import UsageError, load_config
+def _devices(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    # Registrations are stored under the user key: accept any spelling of the name.
+    keys = UserKeys(config.username_format, config.default_domain)
+    user = keys.key(args.user) if args.user else None
+    store = open_store(config.database)
+    try:
+        devices = store.devices(user)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([d.as_json() for d in devices], indent=2))
+        return 0
+    if not devices:
+        print("No devices registered" + (f" for {args.user}." if args.user else "."))
+        return 0
+    # USER is the key events are matched by: the name after username_format.
+    rows = [("USER", "ACCOUNT", "DEVICE", "MAILBOXES", "REGISTERED", "LAST PUSH")]
+    for d in devices:
+        last = f"{iso(d.last_push_at)} {d.last_push_result}" if d.last_push_at else "never"
+        rows.append(
+            (
+                d.username,
+                d.account_id,
+                d.device_token[:12] + "…",
+                ", ".join(d.mailboxes),
+                iso(d.registered_at),
+                last,
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
 
+
+def _remove(args: argparse.Namespace) -> int:
     if not (args.user or args.account_id or args.token):
         raise UsageError("say which registrations to remove: --user, --account-id or --token")
     config = load_config(args)

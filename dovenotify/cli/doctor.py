@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from dovenotify.admin import doctor
+from dovenotify.cli.registry import add_command
 
 
 def register(commands: Any) -> None:
-    from dovenotify.cli.main import add_command  # cli imports this module first
 
     sub = add_command(
         commands,
@@ -30,8 +30,13 @@ def register(commands: Any) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    command = ["doveconf", *(["-c", str(args.dovecot_conf)] if args.dovecot_conf else [])]
-    verdicts = doctor.run(doctor.Findings(args.config, command, mail_user=args.mail_user))
+    return check(args.config, args.dovecot_conf, args.mail_user)
+
+
+def check(config: Path, dovecot_conf: Path | None = None, mail_user: str | None = None) -> int:
+    """Print one verdict per check; 1 if any failed (`setup` ends with this too)."""
+    command = ["doveconf", *(["-c", str(dovecot_conf)] if dovecot_conf else [])]
+    verdicts = doctor.run(doctor.Findings(config, command, mail_user=mail_user))
     width = max(len(v.check) for v in verdicts)
     for v in verdicts:
         print(f"{'ok' if v.ok else 'FAIL':4}  {v.check:{width}}  {v.summary}")

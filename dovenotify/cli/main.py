@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 from dovenotify.cli import certs as cli_certs
 from dovenotify.cli import db as cli_db
 from dovenotify.cli import devices as cli_devices
 from dovenotify.cli import doctor as cli_doctor
+from dovenotify.cli import dovecot as cli_dovecot
 from dovenotify.cli import relay as cli_relay
 from dovenotify.cli import setup
+from dovenotify.cli.registry import UsageError, add_command, run_daemon
 from dovenotify.core import config as configuration
-from dovenotify.core.usernames import UserKeys
-from dovenotify.dovecot import config as dovecot_config
-from dovenotify.store.sqlite import StoreError, iso, open_store
-
-DOVECOT_FILES = ("dovenotify.lua", "postlogin.py")
-
-
-class UsageError(Exception):
-    """A problem the user can fix; printed without a traceback."""
+from dovenotify.store.base import StoreError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,27 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     add_command(commands, "serve", "Run the service (under supervisord or systemd).", _serve)
     cli_db.register(commands)
 
-    devices = add_command(commands, "devices", "List registered devices.", _devices)
-    devices.add_argument("--user", help="only this user's devices")
-    devices.add_argument("--json", action="store_true", help="print a JSON array")
-    cli_devices.register(devices)
-
-    conf = add_command(
-        commands,
-        "dovecot-config",
-        "Print the Dovecot configuration that enables dovenotify.",
-        _dovecot,
-    )
-    conf.add_argument(
-        "--dovecot-version",
-        choices=("2.3", "2.4"),
-        help="syntax to print (default: ask the installed `dovecot --version`)",
-    )
-    conf.add_argument(
-        "--install",
-        action="store_true",
-        help="also copy the Lua script and the post-login helper to dovecot_files",
-    )
+    cli_devices.register(commands)
+    cli_dovecot.register(commands)
     cli_doctor.register(commands)
     cli_certs.register(commands)
     cli_relay.register(commands)
@@ -76,130 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-Run = Callable[[argparse.Namespace], int | None]
-
-
-def add_command(commands: Any, name: str, help: str, run: Run) -> argparse.ArgumentParser:
-    """A subcommand taking --config; `run(args)` returns the exit code."""
-    sub = commands.add_parser(name, help=help, description=help)
-    sub.add_argument(
-        "--config",
-        type=Path,
-        default=configuration.DEFAULT_PATH,
-        help=f"configuration file (default {configuration.DEFAULT_PATH})",
-    )
-    sub.set_defaults(run=run)
-    return sub
-
-
-def load_config(args: argparse.Namespace) -> configuration.Config:
-    return configuration.load(args.config)
-
-
-def run_daemon(
-    args: argparse.Namespace, main: Callable[[configuration.Config], Awaitable[None]]
-) -> int:
-    """Run a long-lived command (`serve`, `relay`) with logging set up as configured."""
-    import trio
-
-    from dovenotify.apns import certificates
-    from dovenotify.core import logsetup
-
-    config = load_config(args)
-    logsetup.configure(config.log_level, config.log_format)
-    try:
-        trio.run(main, config)
-    except certificates.CertificateError as e:
-        raise UsageError(str(e)) from None
-    return 0
-
-
 def _serve(args: argparse.Namespace) -> int:
     from dovenotify import service
 
     return run_daemon(args, service.serve)
-
-
-def _devices(args: argparse.Namespace) -> int:
-    config = load_config(args)
-    # Registrations are stored under the user key: accept any spelling of the name.
-    keys = UserKeys(config.username_format, config.default_domain)
-    user = keys.key(args.user) if args.user else None
-    store = open_store(config.database)
-    try:
-        devices = store.devices(user)
-    finally:
-        store.close()
-    if args.json:
-        print(json.dumps([d.as_json() for d in devices], indent=2))
-        return 0
-    if not devices:
-        print("No devices registered" + (f" for {args.user}." if args.user else "."))
-        return 0
-    # USER is the key events are matched by: the name after username_format.
-    rows = [("USER", "ACCOUNT", "DEVICE", "MAILBOXES", "REGISTERED", "LAST PUSH")]
-    for d in devices:
-        last = f"{iso(d.last_push_at)} {d.last_push_result}" if d.last_push_at else "never"
-        rows.append(
-            (
-                d.username,
-                d.account_id,
-                d.device_token[:12] + "…",
-                ", ".join(d.mailboxes),
-                iso(d.registered_at),
-                last,
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
-    return 0
-
-
-def _dovecot(args: argparse.Namespace) -> int:
-    config = load_config(args)
-    version = args.dovecot_version or dovecot_config.installed_dovecot_version()
-    if args.install:
-        install_dovecot_files(config.dovecot_files)
-        print(
-            f"dovenotify: installed {', '.join(DOVECOT_FILES)} in {config.dovecot_files}",
-            file=sys.stderr,
-        )
-    print(dovecot_snippet(config, version), end="")
-    return 0
-
-
-def dovecot_snippet(config: configuration.Config, version: str) -> str:
-    """Dovecot's configuration for `config`, in the syntax of Dovecot `version`."""
-    files = config.dovecot_files
-    return dovecot_config.render(
-        version,
-        lua_script=files / "dovenotify.lua",
-        event_socket=config.event_socket,
-        event_timeout=config.event_timeout,
-        helper_command=[str(config.helper_python), "-I", "-S", str(files / "postlogin.py")],
-        relay_socket=config.relay_socket,
-        relay_timeout=config.relay_timeout,
-        user_field=config.user_lookup,
-        event_spool=config.event_spool,
-        relay_only_field=config.relay_only_field,
-    )
-
-
-def install_dovecot_files(directory: Path) -> list[Path]:
-    """Copy the Lua script and helper where Dovecot's unprivileged users can read them;
-    return the files that changed."""
-    source = Path(dovecot_config.__file__).parent
-    directory.mkdir(parents=True, exist_ok=True)
-    directory.chmod(0o755)
-    changed = []
-    for name in DOVECOT_FILES:
-        target = directory / name
-        if not target.is_file() or target.read_bytes() != (source / name).read_bytes():
-            shutil.copyfile(source / name, target)
-            changed.append(target)
-        target.chmod(0o644)
-    return changed
 
 
 if __name__ == "__main__":

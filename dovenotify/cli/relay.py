@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dovenotify.cli.registry import add_command, run_daemon
+
 
 def register(commands: Any) -> None:
-    from dovenotify.cli.main import add_command  # cli imports this module first
 
     add_command(
         commands,
@@ -19,6 +20,5 @@ def register(commands: Any) -> None:
 
 def _relay(args: argparse.Namespace) -> int:
     from dovenotify import relay_process
-    from dovenotify.cli.main import run_daemon
 
     return run_daemon(args, relay_process.run)

@@ -23,9 +23,12 @@ import attrs
 import yaml
 
 from dovenotify.apns import certificates
+from dovenotify.cli.doctor import check
+from dovenotify.cli.registry import add_command
 from dovenotify.core import config as configuration
 from dovenotify.core import directories
 from dovenotify.dovecot import config as dovecot_config
+from dovenotify.dovecot.files import dovecot_snippet, install_dovecot_files
 
 SERVICE_USER = "dovenotify"
 UNITS = Path(__file__).parent.parent / "units"
@@ -44,7 +47,6 @@ class SetupError(Exception):
 
 
 def register(commands: Any) -> None:
-    from dovenotify.cli.main import add_command  # cli imports this module first
 
     sub = add_command(
         commands,
@@ -91,7 +93,6 @@ def _run_setup(args: argparse.Namespace) -> int:
 
 
 def _setup(args: argparse.Namespace) -> int:
-    from dovenotify.cli.main import dovecot_snippet, install_dovecot_files, main
 
     if os.geteuid() != 0:
         raise SetupError("setup needs root: it creates a user and writes to /etc")
@@ -114,10 +115,7 @@ def _setup(args: argparse.Namespace) -> int:
     if not report.changed:
         print("setup: nothing to change: dovenotify was already set up this way")
     print("setup: checking the installation (dovenotify doctor):", flush=True)
-    return main(
-        ["doctor", "--config", str(config_path)]
-        + (["--mail-user", args.mail_user] if args.mail_user else [])
-    )
+    return check(config_path, mail_user=args.mail_user)
 
 
 def service_user(report: Report) -> None:

@@ -20,7 +20,7 @@ import attrs
 
 from dovenotify.core.mailboxes import key
 from dovenotify.events.decoder import Event
-from dovenotify.store.sqlite import Registration
+from dovenotify.store.base import Registration
 
 IMMEDIATE = frozenset({"MessageNew", "MessageAppend"})
 DELAYED = frozenset({"MessageExpunge", "FlagsSet", "FlagsClear", "MailboxRename", "MailboxDelete"})

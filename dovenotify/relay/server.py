@@ -27,7 +27,7 @@ import attrs
 import trio
 
 from dovenotify.relay import imapscan, xaps, zerocopy
-from dovenotify.store.sqlite import Registration
+from dovenotify.store.base import Registration, short_token
 
 log = logging.getLogger("dovenotify.relay")
 
@@ -314,10 +314,6 @@ async def store_registration(register: Register, registration: Registration, via
         via,
     )
     return True
-
-
-def short_token(token: str) -> str:
-    return token[:8] + "…" if len(token) > 8 else token
 
 
 async def _receive_handoff(sock: trio.socket.SocketType) -> tuple[Handoff | None, list[int]]:

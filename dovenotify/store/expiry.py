@@ -15,8 +15,7 @@ from collections.abc import Iterable
 
 import trio
 
-from dovenotify.relay.server import short_token
-from dovenotify.store.sqlite import Registration, Store
+from dovenotify.store.base import Registration, Store, short_token
 
 log = logging.getLogger("dovenotify.registrations")
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from dovenotify.core.mailboxes import upgrade
-from dovenotify.store.sqlite import COLUMNS, SCHEMA_VERSION, Registration, StoreError, _criteria
+from dovenotify.store.base import COLUMNS, SCHEMA_VERSION, Registration, StoreError, criteria
 
 T = TypeVar("T")
 
@@ -206,7 +206,7 @@ class PostgresStore:
         registered_before: float | None = None,
     ) -> list[Registration]:
         """Delete the registrations matching every given criterion; return them."""
-        where, args = _criteria(username, account_id, device_token, registered_before)
+        where, args = criteria(username, account_id, device_token, registered_before)
         if not where:
             raise ValueError("refusing to remove every registration at once")
         where = where.replace("?", "%s")

@@ -1,8 +1,6 @@
-"""Registrations: what each device asked to be pushed for, kept durably.
+"""The registrations in SQLite, the default store.
 
-A registration is keyed by (username, account id, device token): two iPhones
-restored from one backup share an account id but not a token, and both must get
-pushes. SQLite in WAL mode with synchronous=FULL, so a registration is on disk
+SQLite in WAL mode with synchronous=FULL, so a registration is on disk
 before the relay answers OK.
 """
 
@@ -12,18 +10,18 @@ import contextlib
 import json
 import sqlite3
 import threading
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
-
-import attrs
 
 from dovenotify.core.mailboxes import upgrade
+from dovenotify.store.base import (
+    COLUMNS,
+    SCHEMA_VERSION,
+    Registration,
+    StoreError,
+    criteria,
+)
 
-# 2: mailbox names are stored in UTF-8, no longer as the client spelled them.
-SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registrations (
     username TEXT NOT NULL,
@@ -38,46 +36,6 @@ CREATE TABLE IF NOT EXISTS registrations (
 );
 CREATE INDEX IF NOT EXISTS registrations_by_token ON registrations (device_token);
 """
-COLUMNS = (
-    "username, account_id, device_token, topic, mailboxes, registered_at,"
-    " last_push_at, last_push_result"
-)
-
-
-class StoreError(Exception):
-    """The registration database cannot be used; the message says why."""
-
-
-@attrs.frozen
-class Registration:
-    username: str
-    account_id: str
-    device_token: str
-    topic: str
-    mailboxes: tuple[str, ...]
-    registered_at: float = attrs.field(factory=time.time)
-    last_push_at: float | None = None
-    last_push_result: str | None = None
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.username, self.account_id, self.device_token)
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "username": self.username,
-            "account_id": self.account_id,
-            "device_token": self.device_token,
-            "topic": self.topic,
-            "mailboxes": list(self.mailboxes),
-            "registered_at": iso(self.registered_at),
-            "last_push_at": iso(self.last_push_at) if self.last_push_at else None,
-            "last_push_result": self.last_push_result,
-        }
-
-
-def iso(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
 
 class SQLiteStore:
@@ -182,7 +140,7 @@ class SQLiteStore:
         registered_before: float | None = None,
     ) -> list[Registration]:
         """Delete the registrations matching every given criterion; return them."""
-        where, args = _criteria(username, account_id, device_token, registered_before)
+        where, args = criteria(username, account_id, device_token, registered_before)
         if not where:
             raise ValueError("refusing to remove every registration at once")
         with self._using(), self._db:
@@ -191,26 +149,6 @@ class SQLiteStore:
             ).fetchall()
             self._db.execute(f"DELETE FROM registrations WHERE {where}", args)
         return [_registration(row) for row in rows]
-
-
-def _criteria(
-    username: str | None,
-    account_id: str | None,
-    device_token: str | None,
-    registered_before: float | None,
-) -> tuple[str, Sequence[object]]:
-    parts: list[str] = []
-    args: list[object] = []
-    for column, value in (
-        ("username = ?", username),
-        ("account_id = ?", account_id),
-        ("device_token = ?", device_token.lower() if device_token else None),
-        ("registered_at < ?", registered_before),
-    ):
-        if value is not None:
-            parts.append(column)
-            args.append(value)
-    return " AND ".join(parts), args
 
 
 def _registration(row: Iterable[object]) -> Registration:
@@ -225,30 +163,3 @@ def _registration(row: Iterable[object]) -> Registration:
         last_push_at=float(pushed) if pushed is not None else None,  # type: ignore[arg-type]
         last_push_result=str(result) if result is not None else None,
     )
-
-
-class Store(Protocol):
-    """What the service and the CLI use; SQLiteStore and store_postgres.PostgresStore."""
-
-    def register(self, reg: Registration) -> None: ...
-    def devices(self, username: str | None = None) -> list[Registration]: ...
-    def record_push(self, key: tuple[str, str, str], at: float, result: str) -> None: ...
-    def remove(
-        self,
-        *,
-        username: str | None = None,
-        account_id: str | None = None,
-        device_token: str | None = None,
-        registered_before: float | None = None,
-    ) -> list[Registration]: ...
-    def close(self) -> None: ...
-
-
-def open_store(database: str) -> Store:
-    """The store for `database`: a SQLite file path, or a postgresql:// URL."""
-    if database.startswith(("postgresql://", "postgres://")):
-        # Imported here so that SQLite-only sites need no PostgreSQL driver loaded.
-        from dovenotify.store.postgres import PostgresStore
-
-        return PostgresStore(database)
-    return SQLiteStore(Path(database))

@@ -15,8 +15,8 @@ from typing import Any
 import attrs
 import trio
 
-from dovenotify.cli.main import install_dovecot_files
 from dovenotify.dovecot.config import render
+from dovenotify.dovecot.files import install_dovecot_files
 from tests.harness.apns_standin import ApnsStandin, run_apns_standin
 from tests.harness.certs import Pki
 from tests.harness.dovecot import (

@@ -3,7 +3,7 @@
 from dovenotify.apns.outbox import Outbox
 from dovenotify.events.decoder import Event
 from dovenotify.events.dispatch import Dispatcher
-from dovenotify.store.sqlite import Registration
+from dovenotify.store.base import Registration
 
 PHONE = Registration("alice", "ACC", "aa11", "topic", ("INBOX", "Work"), registered_at=0)
 IPAD = Registration("alice", "ACC2", "bb22", "topic", ("Notes",), registered_at=0)

@@ -6,7 +6,7 @@ from dovenotify.admin.compat import CompatError, notify_status, parse_notify, pa
 from dovenotify.admin.metrics import Histogram, Metrics, Samples
 from dovenotify.apns import protocol as apns
 from dovenotify.events.decoder import Event
-from dovenotify.store.sqlite import Registration
+from dovenotify.store.base import Registration
 
 DEVICE = Registration("alice", "ACC", "ab" * 32, "topic", ("INBOX",))
 SAMPLES = Samples(

@@ -4,7 +4,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dovenotify.apns.outbox import Gate, Outbox
-from dovenotify.store.sqlite import Registration
+from dovenotify.store.base import Registration
 
 
 def device(token: str = "aa") -> Registration:

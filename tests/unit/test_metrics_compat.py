@@ -18,17 +18,42 @@ SAMPLES = Samples(
 )
 
 
-def test_histogram_buckets_are_cumulative():
-    h = Histogram(buckets=(1, 10))
+def test_histogram_buckets_are_cumulative_and_keep_their_labels():
+    m = Metrics(latency=Histogram(buckets=(0.5, 1, 10)))
     for value in (0.5, 5, 50):
-        h.observe(value)
-    assert h.lines("x") == [
-        'x_bucket{le="1"} 1',
-        'x_bucket{le="10"} 2',
-        'x_bucket{le="+Inf"} 3',
-        "x_sum 55.5",
-        "x_count 3",
+        m.latency.observe(value)
+    lines = m.render(SAMPLES).splitlines()
+    name = "dovenotify_push_latency_seconds"
+    assert [line for line in lines if line.startswith(name)] == [
+        f'{name}_bucket{{le="0.5"}} 1.0',
+        f'{name}_bucket{{le="1"}} 1.0',
+        f'{name}_bucket{{le="10"}} 2.0',
+        f'{name}_bucket{{le="+Inf"}} 3.0',
+        f"{name}_count 3.0",
+        f"{name}_sum 55.5",
     ]
+
+
+def test_the_exposition_has_the_names_and_label_order_of_before():
+    m = Metrics()
+    m.pushed(DEVICE, apns.classify(400, b'{"reason":"Bad\\",result=\\"x"}'), now=1.0)
+    text = m.render(SAMPLES)
+    # result first, as before prometheus_client (which sorts labels) wrote the text;
+    # a reason that looks like a label is only a value.
+    assert 'dovenotify_pushes_total{result="config_error",reason="Bad\\",result=\\"x"} 1.0' in text
+    assert 'dovenotify_events_dropped_total{reason="incomplete"} 0.0' in text
+    assert "_created" not in text
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    assert names == {
+        "dovenotify_pushes_total",
+        "dovenotify_push_latency_seconds",
+        "dovenotify_events_received_total",
+        "dovenotify_events_dropped_total",
+        "dovenotify_pending_pushes",
+        "dovenotify_registrations",
+        "dovenotify_relayed_connections",
+        "dovenotify_apns_credentials_refused",
+    }
 
 
 def test_reasons_are_escaped_and_latency_counts_delivered_pushes_only():

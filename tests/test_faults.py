@@ -25,12 +25,12 @@ import pytest
 import trio
 
 from dovenotify.store.backends import open_store
+from tests.admin.test_metrics import metric
 from tests.harness.apns_standin import Answer, run_apns_standin
 from tests.harness.dovecot import deliver, free_ports
 from tests.harness.postgres import postgres_server, postgres_url
 from tests.harness.service import run_service
 from tests.harness.stack import Stack, run_stack
-from tests.test_metrics import metric
 
 __all__ = ["postgres_server", "postgres_url"]
 

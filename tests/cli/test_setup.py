@@ -1,6 +1,6 @@
 """`dovenotify setup`'s steps that need no Debian root: writing the configuration.
 
-The whole command runs in tests/test_install.py, on fresh Debian roots.
+The whole command runs in tests/cli/test_install.py, on fresh Debian roots.
 """
 
 from __future__ import annotations

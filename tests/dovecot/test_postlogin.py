@@ -16,7 +16,7 @@ import trio
 
 from dovenotify.dovecot.files import install_dovecot_files
 from tests.harness.stack import SYSTEM_PYTHON, run_stack
-from tests.test_relay import ACCOUNT, TOKEN
+from tests.relay.test_relay import ACCOUNT, TOKEN
 
 RELAY_TIMEOUT = 0.5  # as tests/harness/stack.py writes it into the snippet
 

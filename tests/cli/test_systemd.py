@@ -16,7 +16,7 @@ import pytest
 
 from tests.harness.service import dovenotify_command
 
-UNITS = Path(__file__).resolve().parent.parent / "dovecot-conf" / "systemd"
+UNITS = Path(__file__).resolve().parents[2] / "dovecot-conf" / "systemd"
 NAMES = ("dovenotify.service", "dovenotify-relay.service")
 # Dependencies that would stop or restart one unit along with the other.
 COUPLING = (

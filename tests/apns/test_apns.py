@@ -441,7 +441,7 @@ async def test_standin_serves_another_process(test_pki: Pki, apns_standin: ApnsS
     # End-to-end tests run dovenotify as a subprocess against the in-process stand-in.
     command = [sys.executable, "-c", SEND_FROM_ANOTHER_PROCESS, apns_standin.url]
     command += [str(test_pki.ca_file), str(test_pki.client.p12), TOKEN, ACCOUNT]
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     result = await trio.run_process(command, capture_stdout=True, cwd=repo)
     assert result.stdout.decode().split() == ["delivered"]
     request = await apns_standin.next_request()

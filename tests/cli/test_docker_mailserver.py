@@ -20,7 +20,7 @@ from tests.harness.imap_client import ImapClient
 from tests.harness.service import dovenotify_command, run_service, write_config
 from tests.harness.stack import service_settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "dovecot-conf" / "docker-mailserver" / "user-patches.sh"
 PROGRAM = REPO / "dovecot-conf" / "supervisord" / "dovenotify.conf"
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"

@@ -35,7 +35,7 @@ from tests.harness.chroot import command_prefix
 from tests.harness.dovecot import free_ports
 from tests.harness.imap_client import ImapClient
 
-SOURCE = Path(__file__).resolve().parents[1]
+SOURCE = Path(__file__).resolve().parents[2]
 README = SOURCE / "README.md"
 # Where the admin unpacked the source, inside the root.
 TREE = Path("/root/dovenotify")

@@ -17,7 +17,7 @@ from tests.harness.handoff import hand_over, relays
 from tests.harness.service import dovenotify_command, write_config
 from tests.harness.stack import service_settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROGRAM = REPO / "dovecot-conf" / "supervisord" / "dovenotify.conf"
 RELAY_PROGRAM = REPO / "dovecot-conf" / "supervisord" / "dovenotify-relay.conf"
 TOKEN = "ab" * 32

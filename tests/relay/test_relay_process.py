@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from dovenotify.core.config import ConfigError, parse
+from tests.admin.test_doctor import run_doctor
 from tests.harness.dovecot import deliver
 from tests.harness.service import dovenotify_command, run_service, write_config
 from tests.harness.stack import run_stack, service_settings
-from tests.test_doctor import run_doctor
 
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
 TOKEN = "2918390218931890821908309283098109381029309829018310983092892829"

@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import trio
 
+from tests.events.test_semantics import (
+    MESSAGE,
+    TIMING,
+    account,
+    lmtp,
+    ok,
+    phones_pushed,
+    register,
+    token,
+)
 from tests.harness.dovecot import Dovecot, deliver, deliver_lda
 from tests.harness.imap_client import ImapClient
 from tests.harness.stack import run_stack
-from tests.test_semantics import MESSAGE, TIMING, account, lmtp, ok, phones_pushed, register, token
 
 DETAIL_MAILBOX = """
 lmtp_save_to_detail_mailbox = yes

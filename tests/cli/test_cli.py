@@ -11,7 +11,7 @@ from dovenotify.store.base import Registration
 from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.service import dovenotify_command
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:

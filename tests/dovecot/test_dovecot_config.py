@@ -19,7 +19,7 @@ from dovenotify.dovecot.config import installed_dovecot_version, render, render_
 from tests.harness.dovecot import installation, make_root, write_config
 from tests.harness.imap_client import ImapClient
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 HAVE_DOVECOT = shutil.which("doveconf") is not None
 
 ARGS = {

@@ -1,6 +1,6 @@
 """One HTTP/2 client connection, without I/O: requests in, frames and answers out.
 
-The sender (`apns_sender`) feeds it the bytes read from the socket and writes
+The sender (`sender.py`) feeds it the bytes read from the socket and writes
 what `data_to_send` returns; everything HTTP/2 asks of a client that APNs relies
 on is decided here, so it is tested without sockets:
 

@@ -2,7 +2,7 @@
 
 `build_request` turns a `Push` into the path, headers and body APNs expects, and
 `classify` turns APNs's answer (status and body) into what the caller should do
-about the registration. The HTTP/2 client around them is `apns_sender.ApnsSender`.
+about the registration. The HTTP/2 client around them is `sender.ApnsSender`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Send pushes to APNs over one long-lived HTTP/2 connection (h2 on trio).
 
 `send` never raises for network trouble: whatever goes wrong comes back as a
-retry Outcome for the caller's backoff. The HTTP/2 rules live in `http2_client`;
+retry Outcome for the caller's backoff. The HTTP/2 rules live in `http2`;
 this is the trio shell around them:
 
 - The connection opens on the first push, and again on the push after it is lost.

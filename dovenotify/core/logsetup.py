@@ -1,7 +1,7 @@
 """Logging for `dovenotify serve`: text for people, or one JSON object per line.
 
 Device tokens never appear in full: dovenotify's own messages shorten them
-(relay.short_token), and the HTTP/2 libraries, whose debug lines carry request
+(store.short_token), and the HTTP/2 libraries, whose debug lines carry request
 headers, are held to warnings.
 """
 

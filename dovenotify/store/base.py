@@ -62,7 +62,7 @@ def iso(timestamp: float) -> str:
 
 
 class Store(Protocol):
-    """What the service and the CLI use; SQLiteStore and store_postgres.PostgresStore."""
+    """What the service and the CLI use; SQLiteStore and postgres.PostgresStore."""
 
     def register(self, reg: Registration) -> None: ...
     def devices(self, username: str | None = None) -> list[Registration]: ...

@@ -194,6 +194,8 @@ def _dovecot(args: argparse.Namespace) -> int:
 def install_dovecot_files(directory: Path) -> None:
     """Copy the Lua script and helper where Dovecot's unprivileged users can read them."""
     source = Path(__file__).parent / "dovecot"
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"dovecot_files {directory} is a file; it must name a directory")
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
     for name in DOVECOT_FILES:

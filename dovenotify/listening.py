@@ -16,6 +16,9 @@ import trio
 log = logging.getLogger("dovenotify")
 
 ACCEPT_PAUSE = 0.1
+# Accepting again is told only after this long without a failure: at the limit,
+# each closed connection lets one more in, and the log need not say so each time.
+RECOVERED_AFTER = 5.0
 
 
 @attrs.define
@@ -24,6 +27,7 @@ class Acceptor:
     # What is accepted, for the log: "event connections".
     what: str
     starved: bool = False
+    _failed_at: float = 0.0
 
     async def accept(self) -> trio.SocketStream:
         while True:
@@ -39,9 +43,10 @@ class Acceptor:
                         e.strerror or e,
                     )
                     self.starved = True
+                self._failed_at = trio.current_time()
                 await trio.sleep(ACCEPT_PAUSE)
                 continue
-            if self.starved:
+            if self.starved and trio.current_time() - self._failed_at > RECOVERED_AFTER:
                 log.warning("accepting %s again", self.what)
                 self.starved = False
             return stream  # type: ignore[return-value]
@@ -64,9 +69,10 @@ async def serve_limited(
 
     async def serve_one(listener: trio.SocketListener) -> None:
         acceptor = Acceptor(listener, what)
-        while True:
-            await room.acquire()
-            nursery.start_soon(handle, await acceptor.accept())
+        async with listener:
+            while True:
+                await room.acquire()
+                nursery.start_soon(handle, await acceptor.accept())
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:

@@ -299,12 +299,16 @@ class Service:
     async def _drain_file(self, spooled: spool.Spooled, sender: Sender) -> None:
         decoder = EventDecoder(self.config.event_line_max)
         tally = Tally()
+        # The driver stops at event_spool_size; a uid writing its file itself may
+        # not, and is read no further than the driver would have written.
+        budget = self.config.event_spool_size + self.config.event_line_max
         # Lines repeat (a user's INBOX, delivery after delivery): each distinct one
         # is handled once, remembering a bounded number of them.
         seen: dict[Event | BadLine, None] = {}
         try:
             with contextlib.closing(spool.chunks(spooled.path)) as chunks:
-                while chunk := await trio.to_thread.run_sync(next, chunks, b""):
+                while budget > 0 and (chunk := await trio.to_thread.run_sync(next, chunks, b"")):
+                    budget -= len(chunk)
                     for item in decoder.feed(chunk):
                         if item in seen:
                             continue
@@ -314,11 +318,19 @@ class Service:
                         await self._handle_item(item, sender, tally, late=True)
         except OSError as e:
             log.warning("cannot read the spooled events in %s: %s", spooled.path, e)
-            with contextlib.suppress(OSError):
-                spooled.path.unlink()
-            return
-        for item in decoder.close():
-            await self._handle_item(item, sender, tally, late=True)
+        with contextlib.suppress(OSError):
+            spooled.path.unlink()
+        if budget <= 0:
+            log.warning(
+                "the spool of %s is bigger than event_spool_size (%d bytes): the rest of it"
+                " is not read",
+                sender.describe(),
+                self.config.event_spool_size,
+            )
+            await self.push_everyone(sender)
+        else:
+            for item in decoder.close():
+                await self._handle_item(item, sender, tally, late=True)
         log.info(
             "%d event line(s) from the spool of %s, made while dovenotify was away",
             tally.lines,
@@ -717,8 +729,9 @@ async def serve(config: Config) -> None:
                 auth.describe(),
                 config.apns.endpoint,
             )
-            notify_ready()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                # Ready only once a SIGTERM would be handled: one sent at once is not fatal.
+                notify_ready()
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         await service.reload()

@@ -116,7 +116,7 @@ def set_aside(path: Path) -> list[Spooled]:
 
 
 def chunks(path: Path) -> Iterator[bytes]:
-    """The file's bytes, a chunk at a time; then the file is removed."""
+    """The file's bytes, a chunk at a time (the caller removes it after)."""
     # O_NONBLOCK and O_NOFOLLOW: a FIFO or a link put in its place cannot hang or
     # redirect us; only a regular file is read.
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -125,4 +125,3 @@ def chunks(path: Path) -> Iterator[bytes]:
             raise OSError(f"{path} is not a regular file")
         while chunk := spooled.read(CHUNK):
             yield chunk
-    os.unlink(path)

@@ -65,7 +65,8 @@ local CHUNKS = {
   -- one SpoolFull line that has the service push every device we may push.
   keep = [[
     local data, count, s, reason, ctx = ...
-    local path = s.spool .. "/" .. tostring(ctx.user.uid)
+    -- %d: Lua 5.4 gives the uid as a float (65534.0).
+    local path = s.spool .. "/" .. string.format("%d", ctx.user.uid)
     local outcome = "kept in " .. path
     local file, err = io.open(path, "a")
     if file then

@@ -10,7 +10,9 @@ FLAGS = b"FlagsSet\talice\tINBOX\timap\n"
 
 
 def read(spooled: spool.Spooled) -> bytes:
-    return b"".join(spool.chunks(spooled.path))
+    data = b"".join(spool.chunks(spooled.path))
+    spooled.path.unlink()
+    return data
 
 
 def test_the_directory_lets_each_uid_write_only_its_own_file(tmp_path):

@@ -82,6 +82,25 @@ def status_field(pid: int, name: str) -> str:
     raise AssertionError(f"no {name}")
 
 
+async def send_as(user: pwd.struct_passwd, path: str, data: bytes) -> str:
+    """Connect to the unix socket `path` as `user`, send `data`; what came back."""
+    done = await as_mallory(
+        user,
+        f"""
+        import socket
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect({path!r})
+            try:
+                s.sendall({data!r})
+                print(s.recv(16))
+            except (BrokenPipeError, ConnectionResetError):
+                print(b"")  # hung up on before or after the data
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
 async def register(stack: Stack, user: str = "alice", token: str = TOKEN) -> None:
     phone = await stack.iphone(user)
     assert (await phone.xapplepushservice(ACCOUNT, token, ["INBOX"])).ok
@@ -96,17 +115,8 @@ def assert_no_traceback(stack: Stack) -> None:
 async def test_a_local_account_can_push_nobody_else(test_pki, dovecot_version, mallory):
     async with run_stack(test_pki, version=dovecot_version) as stack:
         await register(stack)
-        path = stack.settings["event_socket"]
-        done = await as_mallory(
-            mallory,
-            f"""
-            import socket
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect({path!r})
-                s.sendall(b"MessageNew\\talice\\tINBOX\\tlmtp\\nMessageNew\\tALICE\\tINBOX\\timap\\n")
-            """,
-        )
-        assert done.returncode == 0, done.stderr
+        lines = b"MessageNew\talice\tINBOX\tlmtp\nMessageNew\tALICE\tINBOX\timap\n"
+        await send_as(mallory, stack.settings["event_socket"], lines)
         await stack.service.wait_for_log("refused 2 event(s) from pid")
         assert f"(uid {mallory.pw_uid} ({MALLORY})" in stack.service.log_text()
         assert stack.standin.requests == []
@@ -452,21 +462,8 @@ async def test_the_xapsd_api_answers_only_the_mail_processes(test_pki, dovecot_v
 
 async def test_relay_handoff_from_a_local_account_is_refused(test_pki, dovecot_version, mallory):
     async with run_stack(test_pki, version=dovecot_version) as stack:
-        path = stack.settings["relay_socket"]
-        done = await as_mallory(
-            mallory,
-            f"""
-            import socket
-            with socket.socket(socket.AF_UNIX) as s:
-                s.connect({path!r})
-                try:
-                    s.sendall(b'{{"user": "alice", "ip": "127.0.0.1"}}\\n')
-                    print(s.recv(16))
-                except (BrokenPipeError, ConnectionResetError):
-                    print(b"")  # hung up on before or after the hello
-            """,
-        )
-        assert done.stdout.strip() == "b''", done
+        hello = b'{"user": "alice", "ip": "127.0.0.1"}\n'
+        assert await send_as(mallory, stack.settings["relay_socket"], hello) == "b''"
         await stack.service.wait_for_log(f"refused a relay handoff from uid {mallory.pw_uid}")
 
 

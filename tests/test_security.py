@@ -21,16 +21,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
+from dovenotify.httpserver import Request, Response, open_listeners, serve_http
 from tests.harness.dovecot import deliver, free_ports
 from tests.harness.stack import Stack, run_stack
 
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
 TOKEN = "ab" * 32
 MESSAGE = b"Subject: hello\r\n\r\nhi\r\n"
-MALLORY = "dnmallory"
+# Unique per run: two runs at once must not share (and delete) one account.
+MALLORY = f"dnmallory{os.getpid()}"
 PYTHON = "/usr/bin/python3"
 
 
@@ -113,12 +116,15 @@ def assert_no_traceback(stack: Stack) -> None:
 
 
 async def test_a_local_account_can_push_nobody_else(test_pki, dovecot_version, mallory):
-    async with run_stack(test_pki, version=dovecot_version) as stack:
+    settings = {"event_line_max": 1024}
+    async with run_stack(test_pki, settings, version=dovecot_version) as stack:
         await register(stack)
         lines = b"MessageNew\talice\tINBOX\tlmtp\nMessageNew\tALICE\tINBOX\timap\n"
+        lines += b"MessageNew\t" + b"x" * 2000 + b"\tINBOX\tlmtp\n"
         await send_as(mallory, stack.settings["event_socket"], lines)
         await stack.service.wait_for_log("refused 2 event(s) from pid")
         assert f"(uid {mallory.pw_uid} ({MALLORY})" in stack.service.log_text()
+        assert "line longer than 1024 bytes" in stack.service.log_text()
         assert stack.standin.requests == []
         # Dovecot's own events (the mail uid) still push.
         await trio.to_thread.run_sync(deliver, stack.dovecot, "alice", MESSAGE)
@@ -170,6 +176,8 @@ async def test_a_local_account_cannot_read_or_touch_registrations_or_the_spool(
         )
         assert tried.returncode == 0, tried.stderr
         assert tried.stdout == ""
+        # A database an older dovenotify left 0644 is made private at the next start.
+        Path(database).chmod(0o644)
         async with contextlib.AsyncExitStack() as later:
             from tests.harness.service import run_service
 
@@ -184,6 +192,7 @@ async def test_a_local_account_cannot_read_or_touch_registrations_or_the_spool(
                 await stack.standin.next_request()
             assert len(stack.standin.requests) == 1
             assert list(spool.iterdir()) == []
+            assert Path(database).stat().st_mode & 0o777 == 0o600
             assert "Traceback" not in service.log_text()
 
 
@@ -332,6 +341,8 @@ async def test_idle_connections_delay_no_push(test_pki, dovecot_version, mallory
             await trio.to_thread.run_sync(deliver, stack.dovecot, "alice", MESSAGE)
             await stack.standin.next_request()
             delay = time.monotonic() - start
+            # The 8 it may hold are closed after event_connection_seconds.
+            await stack.service.wait_for_log("still open after 2 s (event_connection_seconds)")
         finally:
             await holder.stdin.aclose()
             await holder.wait()
@@ -486,3 +497,25 @@ def _dovenotify() -> list[str]:
     from tests.harness.service import dovenotify_command
 
     return dovenotify_command()
+
+
+async def test_http_connections_past_the_bound_wait(nursery):
+    """http_connections: idle connections hold their places; the next one waits."""
+    listeners = await open_listeners("127.0.0.1", 0)
+    port = listeners[0].socket.getsockname()[1]
+
+    async def answer(request: Request) -> Response:
+        return Response(200, b"ok")
+
+    nursery.start_soon(serve_http, listeners, answer, 2)
+    with contextlib.ExitStack() as held:
+        for _ in range(2):
+            held.enter_context(socket.create_connection(("127.0.0.1", port)))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            with trio.move_on_after(0.5) as waited:
+                await http.get("/")
+            assert waited.cancelled_caught
+            held.close()  # an idle connection goes: the next request is served
+            with trio.fail_after(5):
+                assert (await http.get("/")).text == "ok"
+    nursery.cancel_scope.cancel()

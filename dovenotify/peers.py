@@ -142,13 +142,13 @@ def dovecot_mail_uids() -> frozenset[int]:
             ["doveconf", "-h", "mail_uid"], capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.SubprocessError) as e:
-        log.info("could not ask Dovecot for its mail_uid (%s); event_peers says who else may", e)
+        _unknown_mail_uid(str(e))
+        return frozenset()
+    if found.returncode != 0:
+        _unknown_mail_uid((found.stderr.strip().splitlines() or ["no answer"])[-1])
         return frozenset()
     value = found.stdout.strip()
-    if found.returncode != 0 or not value:
-        if found.returncode != 0:
-            problem = (found.stderr.strip().splitlines() or ["no answer"])[-1]
-            log.info("could not read Dovecot's mail_uid (%s); see event_peers", problem)
+    if not value:
         return frozenset()
     if value.isdigit():
         return frozenset({int(value)})
@@ -156,6 +156,15 @@ def dovecot_mail_uids() -> frozenset[int]:
         return frozenset({pwd.getpwnam(value).pw_uid})
     log.warning("Dovecot's mail_uid %r is no user here; set event_peers to the mail user", value)
     return frozenset()
+
+
+def _unknown_mail_uid(problem: str) -> None:
+    log.warning(
+        "cannot ask Dovecot for its mail_uid (%s): if Dovecot runs mail as one uid"
+        " (say vmail), set event_peers: [vmail]; until then that uid may send events"
+        " only for its own user",
+        problem,
+    )
 
 
 # --- loopback TCP ---------------------------------------------------------------

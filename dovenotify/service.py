@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -56,6 +57,10 @@ NOT_FOR_TOPIC = apns.Action.TOKEN_NOT_FOR_TOPIC.value
 class Tally:
     """What one event connection or spool file brought, for one line in the log."""
 
+    # Asked at the first problem: False if this sender's problems were logged
+    # within the minute, so not again yet.
+    may_log: Callable[[], bool] = lambda: True
+    _loud: bool | None = None
     lines: int = 0
     bad: int = 0
     refused: dict[str, None] = attrs.field(factory=dict)
@@ -66,7 +71,15 @@ class Tally:
         if len(self.refused) < 3:
             self.refused[username] = None
 
+    @property
+    def loud(self) -> bool:
+        if self._loud is None:
+            self._loud = self.may_log()
+        return self._loud
+
     def report(self, sender: Sender) -> None:
+        if not (self.bad or self.refused_count) or not self.loud:
+            return
         if self.bad > LOGGED_BAD_LINES:
             log.warning(
                 "skipped %d more bad event lines from %s",
@@ -85,6 +98,25 @@ class Tally:
 
 
 @attrs.define
+class Quiet:
+    """Whose problems were logged lately: a peer that misbehaves in a loop (a new
+    connection each time) gets its lines in the log once a minute, not each time."""
+
+    window: float = 60.0
+    _last: dict[int, float] = attrs.field(factory=dict)
+
+    def loud(self, uid: int) -> bool:
+        now = trio.current_time()
+        last = self._last.get(uid)
+        if last is not None and now - last < self.window:
+            return False
+        if len(self._last) > 10000:  # uids are few; bounded all the same
+            self._last.clear()
+        self._last[uid] = now
+        return True
+
+
+@attrs.define
 class Service:
     config: Config
     store: Store
@@ -96,6 +128,7 @@ class Service:
     metrics: Metrics = attrs.field(factory=Metrics)
     usernames: UserKeys = attrs.field(factory=UserKeys)
     event_policy: EventPolicy = attrs.field(factory=lambda: EventPolicy(PeerRule.parse(())))
+    _quiet: Quiet = attrs.field(factory=Quiet)
     _expiry_warned: int | None = None
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _progress: trio.Event = attrs.field(factory=trio.Event)
@@ -160,7 +193,7 @@ class Service:
     ) -> None:
         config = self.config
         decoder = EventDecoder(config.event_line_max)
-        tally = Tally()
+        tally = Tally(functools.partial(self._quiet.loud, sender.peer.uid))
         problem = None
         # Only the peer's time is bounded: handling a line (the store) is ours.
         deadline = trio.current_time() + config.event_connection_seconds
@@ -194,7 +227,7 @@ class Service:
             per_uid[sender.peer.uid] -= 1
             if not per_uid[sender.peer.uid]:
                 del per_uid[sender.peer.uid]
-        if problem:
+        if problem and tally.loud:
             log.warning(
                 "closed an event connection from %s: %s; what else it sent is dropped",
                 sender.describe(),
@@ -209,7 +242,7 @@ class Service:
         if isinstance(item, BadLine):
             self.metrics.dropped(item)
             tally.bad += 1
-            if tally.bad <= LOGGED_BAD_LINES:
+            if tally.loud and tally.bad <= LOGGED_BAD_LINES:
                 where = "a spooled" if late else "an"
                 log.warning("skipped %s event line: %s: %r", where, item.reason, item.excerpt)
             return

@@ -38,6 +38,8 @@ from .usernames import UserKeys
 
 log = logging.getLogger("dovenotify")
 
+# How long a connection past its uid's share (event_connections_per_uid) is read.
+OVER_SHARE_SECONDS = 0.05
 # Bad lines logged per connection or spool file; the rest are counted.
 LOGGED_BAD_LINES = 10
 # Distinct spooled lines remembered while draining, to handle each once.
@@ -147,26 +149,34 @@ class Service:
                 await room.acquire()
                 stream = await acceptor.accept()
                 sender = self._event_sender(stream)
-                uid = sender.peer.uid if sender else -1
-                if sender is not None and not sender.any_user:
-                    if per_uid[uid] >= config.event_connections_per_uid:
-                        if uid not in crowded:
-                            crowded.add(uid)
-                            log.warning(
-                                "refused event connections from %s: it has %d open,"
-                                " event_connections_per_uid allows no more",
-                                sender.describe(),
-                                per_uid[uid],
-                            )
-                        sender = None
-                    else:
-                        crowded.discard(uid)
                 if sender is None:
                     await stream.aclose()
                     room.release()
                     continue
-                per_uid[uid] += 1
-                nursery.start_soon(self._read_events, stream, sender, room, per_uid)
+                uid = sender.peer.uid
+                seconds = config.event_connection_seconds
+                # Mail uids and root share the total; any other uid has a share.
+                counted = not sender.any_user
+                if counted and per_uid[uid] >= config.event_connections_per_uid:
+                    # Past its share a connection is read only for what it has
+                    # already sent (a driver's lines queued while we were busy),
+                    # so idle ones cannot hold places, and nothing sent is lost.
+                    counted = False
+                    seconds = OVER_SHARE_SECONDS
+                    if uid not in crowded:
+                        crowded.add(uid)
+                        log.warning(
+                            "%s has %d event connections open, all event_connections_per_uid"
+                            " allows: more are read only for what they have already sent",
+                            sender.describe(),
+                            per_uid[uid],
+                        )
+                elif counted:
+                    crowded.discard(uid)
+                    per_uid[uid] += 1
+                nursery.start_soon(
+                    self._read_events, stream, sender, seconds, room, per_uid if counted else None
+                )
 
     def _event_sender(self, stream: trio.SocketStream) -> Sender | None:
         try:
@@ -188,25 +198,26 @@ class Service:
         self,
         stream: trio.SocketStream,
         sender: Sender,
+        seconds: float,
         room: trio.Semaphore,
-        per_uid: collections.Counter[int],
+        per_uid: collections.Counter[int] | None,
     ) -> None:
+        """Handle each line as it arrives, for at most `seconds` of the peer's time."""
         config = self.config
         decoder = EventDecoder(config.event_line_max)
         tally = Tally(functools.partial(self._quiet.loud, sender.peer.uid))
         problem = None
         # Only the peer's time is bounded: handling a line (the store) is ours.
-        deadline = trio.current_time() + config.event_connection_seconds
+        deadline = trio.current_time() + seconds
         try:
             async with stream:
                 while True:
                     with trio.move_on_at(deadline) as timer:
                         data = await _receive(stream)
                     if timer.cancelled_caught:
-                        problem = (
-                            f"it was still open after {config.event_connection_seconds:g} s"
-                            " (event_connection_seconds)"
-                        )
+                        problem = f"it was still open after {seconds:g} s"
+                        if seconds == config.event_connection_seconds:
+                            problem += " (event_connection_seconds)"
                         break
                     if not data:
                         for item in decoder.close():
@@ -224,9 +235,10 @@ class Service:
                         break
         finally:
             room.release()
-            per_uid[sender.peer.uid] -= 1
-            if not per_uid[sender.peer.uid]:
-                del per_uid[sender.peer.uid]
+            if per_uid is not None:
+                per_uid[sender.peer.uid] -= 1
+                if not per_uid[sender.peer.uid]:
+                    del per_uid[sender.peer.uid]
         if problem and tally.loud:
             log.warning(
                 "closed an event connection from %s: %s; what else it sent is dropped",

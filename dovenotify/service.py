@@ -142,8 +142,11 @@ class Service:
         acceptor = Acceptor(listener, "event connections")
         # A semaphore, not a CapacityLimiter: the connection's task releases it.
         room = trio.Semaphore(config.event_connections)
-        per_uid: collections.Counter[int] = collections.Counter()
-        crowded: set[int] = set()  # uids told about their connection limit
+        # Connections open per uid that is not a mail uid: held for up to
+        # event_connection_seconds, and past those glimpsed for OVER_SHARE_SECONDS.
+        held: collections.Counter[int] = collections.Counter()
+        glimpsed: collections.Counter[int] = collections.Counter()
+        crowded: set[int] = set()  # uids told about their share
         async with trio.open_nursery() as nursery:
             while True:
                 await room.acquire()
@@ -154,29 +157,32 @@ class Service:
                     room.release()
                     continue
                 uid = sender.peer.uid
-                seconds = config.event_connection_seconds
-                # Mail uids and root share the total; any other uid has a share.
-                counted = not sender.any_user
-                if counted and per_uid[uid] >= config.event_connections_per_uid:
-                    # Past its share a connection is read only for what it has
-                    # already sent (a driver's lines queued while we were busy),
-                    # so idle ones cannot hold places, and nothing sent is lost.
-                    counted = False
-                    seconds = OVER_SHARE_SECONDS
+                share = config.event_connections_per_uid
+                if sender.any_user:
+                    # Mail uids and root share the total.
+                    nursery.start_soon(self._read_events, stream, sender, room, None)
+                elif held[uid] < share:
+                    crowded.discard(uid)
+                    held[uid] += 1
+                    nursery.start_soon(self._read_events, stream, sender, room, held)
+                else:
+                    # Past its share, a uid's connection takes no place of the total
+                    # and is read only for what it has already sent (a driver's
+                    # lines queued while we were busy): idle ones hold nothing.
+                    room.release()
                     if uid not in crowded:
                         crowded.add(uid)
                         log.warning(
                             "%s has %d event connections open, all event_connections_per_uid"
                             " allows: more are read only for what they have already sent",
                             sender.describe(),
-                            per_uid[uid],
+                            held[uid],
                         )
-                elif counted:
-                    crowded.discard(uid)
-                    per_uid[uid] += 1
-                nursery.start_soon(
-                    self._read_events, stream, sender, seconds, room, per_uid if counted else None
-                )
+                    if glimpsed[uid] < share:
+                        glimpsed[uid] += 1
+                        nursery.start_soon(self._read_events, stream, sender, None, glimpsed)
+                    else:
+                        await stream.aclose()
 
     def _event_sender(self, stream: trio.SocketStream) -> Sender | None:
         try:
@@ -198,11 +204,12 @@ class Service:
         self,
         stream: trio.SocketStream,
         sender: Sender,
-        seconds: float,
-        room: trio.Semaphore,
+        room: trio.Semaphore | None,
         per_uid: collections.Counter[int] | None,
     ) -> None:
-        """Handle each line as it arrives, for at most `seconds` of the peer's time."""
+        """Handle each line as it arrives, within the bounds on a connection; one
+        without a `room` (past its uid's share) only for what it has already sent."""
+        seconds = self.config.event_connection_seconds if room is not None else OVER_SHARE_SECONDS
         config = self.config
         decoder = EventDecoder(config.event_line_max)
         tally = Tally(functools.partial(self._quiet.loud, sender.peer.uid))
@@ -234,7 +241,8 @@ class Service:
                         )
                         break
         finally:
-            room.release()
+            if room is not None:
+                room.release()
             if per_uid is not None:
                 per_uid[sender.peer.uid] -= 1
                 if not per_uid[sender.peer.uid]:

@@ -621,7 +621,9 @@ def _trouble(outcome: apns.Outcome) -> str | None:
     if outcome.action is not apns.Action.RETRY:
         return None
     if outcome.status is None:
-        return f"APNs cannot be reached ({outcome.reason.split(':', 1)[0]})"
+        kind = outcome.reason.split(":", 1)[0]
+        # A connection that never came up says why (DNS, refused, TLS): what the admin fixes.
+        return f"APNs cannot be reached ({outcome.reason if kind == 'ConnectError' else kind})"
     if outcome.status >= 500:
         return f"APNs answers {outcome.status} {outcome.reason}"
     return None
@@ -783,7 +785,7 @@ async def serve(config: Config) -> None:
                 config.apns.endpoint,
             )
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                # Ready only once a SIGTERM would be handled: one sent at once is not fatal.
+                # Ready only once signals are ours: a reload right after start is not lost.
                 notify_ready()
                 async for signum in signals:
                     if signum == signal.SIGHUP:

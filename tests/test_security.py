@@ -324,6 +324,9 @@ async def test_idle_connections_delay_no_push(test_pki, dovecot_version, mallory
     async with run_stack(test_pki, version=dovecot_version) as stack:
         await register(stack)
         path = stack.settings["event_socket"]
+        # A first push opens the connection to APNs, kept from then on.
+        await trio.to_thread.run_sync(deliver, stack.dovecot, "alice", MESSAGE)
+        await stack.standin.next_request()
         sockets_before = service_sockets(stack.service.process.pid)
         holder = await trio.lowlevel.open_process(
             [PYTHON, "-I", "-c", textwrap.dedent(f"""

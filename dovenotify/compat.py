@@ -30,6 +30,7 @@ import trio
 from .dispatch import wants
 from .events import Event
 from .httpserver import Request, Response
+from .mailboxes import MailboxNameError, decode_all
 from .peers import EventPolicy, Peer, Sender, tcp_peer_uid
 from .relay import store_registration
 from .store import Registration
@@ -105,7 +106,13 @@ def parse_register(body: bytes) -> Register:
     if len(account_id) > MAX_ACCOUNT_ID_LENGTH or not account_id.isprintable():
         raise CompatError("ApsAccountId is not a valid account id")
     assert mailboxes is not None
-    return Register(username.lower(), account_id, device_token.lower(), mailboxes)
+    try:
+        # The plugin passes the names on as iOS spelled them: stored in UTF-8, as
+        # the relay does.
+        folders = decode_all(mailboxes)
+    except MailboxNameError as e:
+        raise CompatError(f"Mailboxes: {e}") from None
+    return Register(username.lower(), account_id, device_token.lower(), folders)
 
 
 def parse_notify(body: bytes) -> Notify:

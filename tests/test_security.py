@@ -407,12 +407,14 @@ async def test_a_hostile_imap_client_is_bounded(test_pki, dovecot_version):
             assert reply.status == "BAD", (token, reply)
         for n in range(1, 5):
             assert (await phone.xapplepushservice(f"A-{n}", f"{n:02x}" * 32, ["INBOX"])).ok
-        # A mailbox name with a terminal escape, and an extra key naming bob.
+        # A mailbox name with a terminal escape (ESC in modified UTF-7, as raw
+        # control characters are refused), and an extra key naming bob.
         reply = await phone.command(
             'XAPPLEPUSHSERVICE "aps-version" "2" "aps-account-id" "A-0"'
             f' "aps-device-token" "{"0a" * 32}" "aps-subtopic" "com.apple.mobilemail"'
-            ' "username" "bob" "mailboxes" ("INBOX" "Evil\x1b[2J" "Third")'
+            ' "username" "bob" "mailboxes" ("INBOX" "Evil&ABs-[2J" "Third")'
         )
+        assert reply.ok, reply
         await phone.logout()
         listed = subprocess.run(
             [*_dovenotify(), "devices", "--config", str(stack.service.config_path), "--json"],

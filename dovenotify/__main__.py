@@ -1,5 +1,5 @@
 import sys
 
-from dovenotify.cli.main import main
+from dovenotify.cli.commands import main
 
 sys.exit(main())

@@ -28,7 +28,7 @@ from dovenotify.core.sockets import notify_ready, remove_socket, socket_file, un
 from dovenotify.core.usernames import UserKeys
 from dovenotify.events import spool
 from dovenotify.events.dispatch import Dispatcher
-from dovenotify.events.peers import PeerRule
+from dovenotify.events.peers import EventPolicy
 from dovenotify.push import Intake, Sending
 from dovenotify.relay.listen import open_relay, register_keyed
 from dovenotify.store.backends import open_store
@@ -57,9 +57,15 @@ async def serve(config: Config) -> None:
         store=store,
         sending=sending,
         usernames=usernames,
-        event_peers=PeerRule.parse(config.event_peers) if config.event_peers else None,
+        event_policy=EventPolicy.build(config.event_peers),
     )
-    register = functools.partial(register_keyed, store, usernames)
+    register = functools.partial(
+        register_keyed,
+        store,
+        usernames,
+        per_user=config.registrations_per_user,
+        mailboxes=config.mailboxes_per_registration,
+    )
     sending.check_expiry()
     # relay_process: separate leaves the relay socket, and its sessions, to `dovenotify relay`.
     the_relay, relayed = None, None
@@ -84,18 +90,20 @@ async def serve(config: Config) -> None:
             register,
             functools.partial(_devices, store, usernames),
             intake.handle_event,
+            intake.event_policy,
+            usernames.key,
         ),
         sending.topic,
     )
     try:
-        spool.create(config.event_spool)
+        problem = spool.create(config.event_spool)
     except OSError as e:
-        log.warning(
-            "cannot create the event spool %s (%s): events sent while dovenotify is"
-            " down will be lost",
-            config.event_spool,
-            e.strerror,
+        problem = (
+            f"cannot create the event spool {config.event_spool} ({e.strerror or e}):"
+            " events sent while dovenotify is down will be lost"
         )
+    if problem:
+        log.warning("%s", problem)
     try:
         # The sender's connection runs in its own nursery, closed after this one.
         async with sending.sender, trio.open_nursery() as nursery:
@@ -103,7 +111,7 @@ async def serve(config: Config) -> None:
             if the_relay is not None:
                 nursery.start_soon(the_relay.serve, relayed)
             nursery.start_soon(sending.run_sender)
-            nursery.start_soon(serve_endpoints, endpoints)
+            nursery.start_soon(serve_endpoints, endpoints, config.http_connections)
             nursery.start_soon(sweep_expired, store, config.registration_ttl)
             nursery.start_soon(sending.watch_expiry)
             nursery.start_soon(intake.drain_spool)

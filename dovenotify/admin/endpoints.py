@@ -95,10 +95,11 @@ async def open_endpoints(
     return opened
 
 
-async def serve_endpoints(endpoints: list[Endpoint]) -> None:
+async def serve_endpoints(endpoints: list[Endpoint], limit: int) -> None:
+    """Each endpoint serves at most `limit` connections at once (http_connections)."""
     async with trio.open_nursery() as nursery:
         for listeners, handler in endpoints:
-            nursery.start_soon(serve_http, listeners, handler)
+            nursery.start_soon(serve_http, listeners, handler, limit)
 
 
 def _listener_problem(config: Config, bound: tuple[int, int] | None) -> str | None:

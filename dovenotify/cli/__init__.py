@@ -2,6 +2,6 @@
 through `registry` (never importing `main` back); `main` builds the parser.
 """
 
-from dovenotify.cli.main import main
+from dovenotify.cli.commands import main
 
 __all__ = ["main"]

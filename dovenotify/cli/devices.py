@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from dovenotify.cli.registry import UsageError, add_command, load_config
+from dovenotify.core.logsetup import escape_controls
 from dovenotify.core.usernames import UserKeys
 from dovenotify.store.backends import open_store
 from dovenotify.store.base import iso, short_token
@@ -53,16 +54,9 @@ def _devices(args: argparse.Namespace) -> int:
     rows = [("USER", "ACCOUNT", "DEVICE", "MAILBOXES", "REGISTERED", "LAST PUSH")]
     for d in devices:
         last = f"{iso(d.last_push_at)} {d.last_push_result}" if d.last_push_at else "never"
-        rows.append(
-            (
-                d.username,
-                d.account_id,
-                d.device_token[:12] + "…",
-                ", ".join(d.mailboxes),
-                iso(d.registered_at),
-                last,
-            )
-        )
+        # Names come from IMAP clients: their control characters are shown escaped.
+        cells = (d.username, d.account_id, d.device_token[:12] + "…", ", ".join(d.mailboxes))
+        rows.append((*map(escape_controls, cells), iso(d.registered_at), escape_controls(last)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
@@ -88,8 +82,9 @@ def _remove(args: argparse.Namespace) -> int:
         print("No registration matches; nothing was removed.")
         return 1
     for r in removed:
-        print(
+        line = (
             f"Removed {r.username} account {r.account_id} device {short_token(r.device_token)}"
             f" ({', '.join(r.mailboxes)})"
         )
+        print(escape_controls(line))
     return 0

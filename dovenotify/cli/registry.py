@@ -1,12 +1,13 @@
-"""What every command module needs from the CLI, so that none imports cli.main back.
+"""What every command module needs from the CLI, so that none imports cli.commands back.
 
-cli/main.py builds the parser and calls each command module's `register`; the
+cli/commands.py builds the parser and calls each command module's `register`; the
 command modules import only this.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ def run_daemon(
 
     config = load_config(args)
     logsetup.configure(config.log_level, config.log_format)
+    # What the service creates (database, its journal, sockets' neighbours) is its
+    # own, whatever umask systemd, supervisord or a container gave it.
+    os.umask(0o077)
     try:
         trio.run(main, config)
     except certificates.CertificateError as e:

@@ -8,6 +8,7 @@ when it is allowed to (as root, or where its user may write).
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import pwd
@@ -86,3 +87,13 @@ def owner_names(uid: int, gid: int) -> str:
         except KeyError:
             names.append(str(number))
     return ":".join(names)
+
+
+def make_dirs(path: Path, mode: int) -> None:
+    """`mkdir -p`, giving the directories it makes `mode` whatever the umask."""
+    if path.is_dir():
+        return
+    make_dirs(path.parent, mode)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir()
+        path.chmod(mode)

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import trio
 
+from dovenotify.core.directories import make_dirs
+
 
 def unix_listener(path: Path, mode: int) -> trio.SocketListener:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Anyone may reach the sockets; who may use them is checked by SO_PEERCRED.
+    make_dirs(path.parent, 0o755)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -27,12 +27,16 @@ def dovecot_snippet(config: configuration.Config, version: str) -> str:
         user_field=config.user_lookup,
         event_spool=config.event_spool,
         relay_only_field=config.relay_only_field,
+        event_spool_size=config.event_spool_size,
     )
 
 
 def install_dovecot_files(directory: Path) -> list[Path]:
     """Copy the Lua script and helper where Dovecot's unprivileged users can read them;
     return the files that changed."""
+    if directory.exists() and not directory.is_dir():
+        # A ValueError: the CLI prints it as it prints a usage error.
+        raise ValueError(f"dovecot_files {directory} is a file; it must name a directory")
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
     changed = []

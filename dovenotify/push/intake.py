@@ -1,11 +1,17 @@
 """Events from Dovecot, to pushes: the event socket, the spool, and who is told.
 
-Each event is matched to the user's registrations and handed to the dispatcher,
-which says which devices to push now; `Sending` takes them from there.
+Each connection's sender is known by its uid (events/peers.py) and may send
+events for its own user only, unless it is root, Dovecot's mail uid or in
+event_peers; connections, lines and spool files are bounded. Each event is
+matched to the user's registrations and handed to the dispatcher, which says
+which devices to push now; `Sending` takes them from there.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import functools
 import logging
 import time
 
@@ -14,28 +20,29 @@ import trio
 
 from dovenotify.admin.metrics import Metrics
 from dovenotify.core.config import Config
+from dovenotify.core.listening import Acceptor
 from dovenotify.core.usernames import UserKeys
 from dovenotify.events import spool
-from dovenotify.events.decoder import BadLine, Event, EventDecoder
+from dovenotify.events.decoder import SPOOL_FULL, BadLine, Event, EventDecoder
 from dovenotify.events.dispatch import Dispatcher
-from dovenotify.events.peers import PeerRule, peer_of
-from dovenotify.push.sending import Sending, who
-from dovenotify.store.base import Store, StoreError
+from dovenotify.events.peers import EventPolicy, Peer, PeerRule, Sender, peer_of
+from dovenotify.push.sending import Sending
+from dovenotify.push.tally import LOGGED_BAD_LINES, Quiet, Tally
+from dovenotify.store.base import Store, StoreError, who
 from dovenotify.store.expiry import unexpired
 
 log = logging.getLogger("dovenotify")
 
-EVENT_CONNECTION_TIMEOUT = 10.0
+# How long a connection past its uid's share (event_connections_per_uid) is read.
+OVER_SHARE_SECONDS = 0.05
 
 
-# Each open event connection holds a task and its buffers. Past this many, new
-# ones wait in the listen queue, and a Lua driver that waits past its timeout
-# spools its lines: a burst costs latency, never unbounded memory.
-MAX_EVENT_CONNECTIONS = 256
+# Distinct spooled lines remembered while draining, to handle each once.
+SPOOL_DISTINCT = 10000
 
 
 # How often the spool is checked for events the Lua driver could not send us
-# (e.g. while this process was stopped): a stat() of one file.
+# (e.g. while this process was stopped): one small directory listing.
 SPOOL_CHECK_INTERVAL = 2.0
 
 
@@ -56,57 +63,165 @@ class Intake:
         default=attrs.Factory(lambda self: self.sending.metrics, takes_self=True)
     )
     usernames: UserKeys = attrs.field(factory=UserKeys)
-    event_peers: PeerRule | None = None
+    event_policy: EventPolicy = attrs.field(factory=lambda: EventPolicy(PeerRule.parse(())))
+    _quiet: Quiet = attrs.field(factory=Quiet)
 
     async def serve_events(self, listener: trio.SocketListener) -> None:
+        config = self.config
+        acceptor = Acceptor(listener, "event connections")
         # A semaphore, not a CapacityLimiter: the connection's task releases it.
-        room = trio.Semaphore(MAX_EVENT_CONNECTIONS)
+        room = trio.Semaphore(config.event_connections)
+        # Connections open per uid that is not a mail uid: held for up to
+        # event_connection_seconds, and past those glimpsed for OVER_SHARE_SECONDS.
+        held: collections.Counter[int] = collections.Counter()
+        glimpsed: collections.Counter[int] = collections.Counter()
+        crowded: set[int] = set()  # uids told about their share
         async with trio.open_nursery() as nursery:
             while True:
                 await room.acquire()
-                stream = await listener.accept()
-                if self._event_peer_allowed(stream):
-                    nursery.start_soon(self._read_events, stream, room)
-                else:
+                stream = await acceptor.accept()
+                sender = self._event_sender(stream)
+                if sender is None:
                     await stream.aclose()
                     room.release()
+                    continue
+                uid = sender.peer.uid
+                share = config.event_connections_per_uid
+                if sender.any_user:
+                    # Mail uids and root share the total.
+                    nursery.start_soon(self._read_events, stream, sender, room, None)
+                elif held[uid] < share:
+                    crowded.discard(uid)
+                    held[uid] += 1
+                    nursery.start_soon(self._read_events, stream, sender, room, held)
+                else:
+                    # Past its share, a uid's connection takes no place of the total
+                    # and is read only for what it has already sent (a driver's
+                    # lines queued while we were busy): idle ones hold nothing.
+                    room.release()
+                    if uid not in crowded:
+                        crowded.add(uid)
+                        log.warning(
+                            "%s has %d event connections open, all event_connections_per_uid"
+                            " allows: more are read only for what they have already sent",
+                            sender.describe(),
+                            held[uid],
+                        )
+                    if glimpsed[uid] < share:
+                        glimpsed[uid] += 1
+                        nursery.start_soon(self._read_events, stream, sender, None, glimpsed)
+                    else:
+                        await stream.aclose()
 
-    def _event_peer_allowed(self, stream: trio.SocketStream) -> bool:
-        if self.event_peers is None:
-            return True
-        peer = peer_of(stream.socket)  # type: ignore[arg-type]
-        if self.event_peers.allows(peer):
-            return True
+    def _event_sender(self, stream: trio.SocketStream) -> Sender | None:
+        try:
+            peer = peer_of(stream.socket)  # type: ignore[arg-type]
+        except OSError:
+            return None
+        sender = self.event_policy.sender(peer)
+        if sender.any_user or sender.own is not None:
+            return sender
         log.warning(
-            "refused events from pid %d (uid %d, gid %d): event_peers allows only %s",
-            peer.pid,
-            peer.uid,
-            peer.gid,
-            self.event_peers.describe(),
+            "refused events from %s: that uid has no account here and is not one that"
+            " may send events for any user (root, Dovecot's mail_uid, event_peers: %s)",
+            sender.describe(),
+            self.event_policy.privileged.describe(),
         )
-        return False
+        return None
 
-    async def _read_events(self, stream: trio.SocketStream, room: trio.Semaphore) -> None:
-        decoder = EventDecoder()
-        items: list[Event | BadLine] = []
+    async def _read_events(
+        self,
+        stream: trio.SocketStream,
+        sender: Sender,
+        room: trio.Semaphore | None,
+        per_uid: collections.Counter[int] | None,
+    ) -> None:
+        """Handle each line as it arrives, within the bounds on a connection; one
+        without a `room` (past its uid's share) only for what it has already sent."""
+        seconds = self.config.event_connection_seconds if room is not None else OVER_SHARE_SECONDS
+        config = self.config
+        decoder = EventDecoder(config.event_line_max)
+        tally = Tally(functools.partial(self._quiet.loud, sender.peer.uid))
+        problem = None
+        # Only the peer's time is bounded: handling a line (the store) is ours.
+        deadline = trio.current_time() + seconds
         try:
             async with stream:
-                with trio.move_on_after(EVENT_CONNECTION_TIMEOUT):
-                    while data := await _receive(stream):
-                        items += decoder.feed(data)
-            items += decoder.close()
-            await self._handle_items(items)
+                while True:
+                    with trio.move_on_at(deadline) as timer:
+                        data = await _receive(stream)
+                    if timer.cancelled_caught:
+                        problem = f"it was still open after {seconds:g} s"
+                        if seconds == config.event_connection_seconds:
+                            problem += " (event_connection_seconds)"
+                        break
+                    if not data:
+                        for item in decoder.close():
+                            await self._handle_item(item, sender, tally)
+                        break
+                    room_left = config.event_connection_lines - tally.lines
+                    items = decoder.feed(data)
+                    for item in items[:room_left]:
+                        await self._handle_item(item, sender, tally)
+                    if len(items) > room_left:
+                        problem = (
+                            f"it sent more than {config.event_connection_lines} lines"
+                            " (event_connection_lines)"
+                        )
+                        break
         finally:
-            room.release()
+            if room is not None:
+                room.release()
+            if per_uid is not None:
+                per_uid[sender.peer.uid] -= 1
+                if not per_uid[sender.peer.uid]:
+                    del per_uid[sender.peer.uid]
+        if problem and tally.loud:
+            log.warning(
+                "closed an event connection from %s: %s; what else it sent is dropped",
+                sender.describe(),
+                problem,
+            )
+        tally.report(sender)
 
-    async def _handle_items(self, items: list[Event | BadLine], *, late: bool = False) -> None:
-        for item in items:
-            if isinstance(item, BadLine):
-                self.metrics.dropped(item)
+    async def _handle_item(
+        self, item: Event | BadLine, sender: Sender, tally: Tally, *, late: bool = False
+    ) -> None:
+        tally.lines += 1
+        if isinstance(item, BadLine):
+            self.metrics.dropped(item)
+            tally.bad += 1
+            if tally.loud and tally.bad <= LOGGED_BAD_LINES:
                 where = "a spooled" if late else "an"
                 log.warning("skipped %s event line: %s: %r", where, item.reason, item.excerpt)
-            else:
-                await self.handle_event(item, late=late)
+            return
+        if not sender.may_send_for(item.username, self.usernames.key):
+            tally.refuse(item.username)
+            return
+        if item.name == SPOOL_FULL:
+            if late:
+                await self.push_everyone(sender)
+            return
+        await self.handle_event(item, late=late)
+
+    async def push_everyone(self, sender: Sender) -> None:
+        """Push every device `sender` may send events for: what it spooled was cut short."""
+        user = None if sender.any_user else self.usernames.key(sender.own or "")
+        try:
+            devices = await trio.to_thread.run_sync(self.store.devices, user)
+        except StoreError as e:
+            log.error("cannot push after a full spool: cannot read registrations: %s", e)
+            return
+        devices = unexpired(devices, self.config.registration_ttl, time.time())
+        log.warning(
+            "the spool of %s was full or not its own: pushing %d device(s) it may send events"
+            " for, since which changed is not known",
+            sender.describe(),
+            len(devices),
+        )
+        for device in devices:
+            self.sending.submit(device)
+        self.sending.wake()
 
     async def handle_event(self, event: Event, *, late: bool = False) -> None:
         if event.service not in self.config.push_services:
@@ -132,24 +247,78 @@ class Intake:
     async def drain_spool(self) -> None:
         """Push for the events the Lua driver spooled while it could not reach us."""
         path = self.config.event_spool
+        old = spool.legacy(path)
+        if old.exists():
+            # An older dovenotify's single file, written as the mail uid.
+            anyone = Sender(Peer(0, 0, 0), True, None)
+            await self._drain_file(spool.Spooled(old, 0, 0, None), anyone)
         problem = None
         while True:
             try:
                 found = await trio.to_thread.run_sync(spool.set_aside, path)
-                if found:
-                    await trio.sleep(SPOOL_GRACE)
-                    items = await trio.to_thread.run_sync(spool.take_aside, path)
                 problem = None
             except OSError as e:
-                found = False
+                found = []
                 if str(e) != problem:  # once, not every few seconds
                     problem = str(e)
                     log.warning("cannot drain the event spool %s: %s", path, e)
             if found:
-                count = sum(isinstance(item, Event) for item in items)
-                log.info("%d event(s) from the spool, made while dovenotify was away", count)
-                await self._handle_items(items, late=True)
+                # A writer that opened a file just before it was renamed finishes
+                # its one append.
+                await trio.sleep(SPOOL_GRACE)
+            for spooled in found:
+                sender = self.event_policy.sender(Peer(0, spooled.uid, spooled.gid))
+                if spooled.squatted:
+                    # Another uid made the file first: its lines may be anyone's,
+                    # and the uid it is named for may have lost its own.
+                    named = Peer(0, spooled.named_uid or 0, spooled.gid)
+                    await self.push_everyone(self.event_policy.sender(named))
+                    await trio.to_thread.run_sync(spooled.path.unlink)
+                    continue
+                await self._drain_file(spooled, sender)
             await trio.sleep(SPOOL_CHECK_INTERVAL)
+
+    async def _drain_file(self, spooled: spool.Spooled, sender: Sender) -> None:
+        decoder = EventDecoder(self.config.event_line_max)
+        tally = Tally()
+        # The driver stops at event_spool_size; a uid writing its file itself may
+        # not, and is read no further than the driver would have written.
+        budget = self.config.event_spool_size + self.config.event_line_max
+        # Lines repeat (a user's INBOX, delivery after delivery): each distinct one
+        # is handled once, remembering a bounded number of them.
+        seen: dict[Event | BadLine, None] = {}
+        try:
+            with contextlib.closing(spool.chunks(spooled.path)) as chunks:
+                while budget > 0 and (chunk := await trio.to_thread.run_sync(next, chunks, b"")):
+                    budget -= len(chunk)
+                    for item in decoder.feed(chunk):
+                        if item in seen:
+                            continue
+                        if len(seen) >= SPOOL_DISTINCT:
+                            seen.clear()
+                        seen[item] = None
+                        await self._handle_item(item, sender, tally, late=True)
+        except OSError as e:
+            log.warning("cannot read the spooled events in %s: %s", spooled.path, e)
+        with contextlib.suppress(OSError):
+            spooled.path.unlink()
+        if budget <= 0:
+            log.warning(
+                "the spool of %s is bigger than event_spool_size (%d bytes): the rest of it"
+                " is not read",
+                sender.describe(),
+                self.config.event_spool_size,
+            )
+            await self.push_everyone(sender)
+        else:
+            for item in decoder.close():
+                await self._handle_item(item, sender, tally, late=True)
+        log.info(
+            "%d event line(s) from the spool of %s, made while dovenotify was away",
+            tally.lines,
+            sender.describe(),
+        )
+        tally.report(sender)
 
 
 async def _receive(stream: trio.SocketStream) -> bytes:

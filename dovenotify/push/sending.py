@@ -20,7 +20,7 @@ from dovenotify.apns.outbox import Gate, Outbox
 from dovenotify.apns.sender import ApnsSender
 from dovenotify.core.config import Config
 from dovenotify.events.dispatch import Dispatcher
-from dovenotify.store.base import Registration, Store, StoreError, short_token
+from dovenotify.store.base import Registration, Store, StoreError, who
 
 log = logging.getLogger("dovenotify")
 
@@ -280,7 +280,3 @@ def _trouble(outcome: apns.Outcome) -> str | None:
     if outcome.status >= 500:
         return f"APNs answers {outcome.status} {outcome.reason}"
     return None
-
-
-def who(device: Registration) -> str:
-    return f"{device.username} device {short_token(device.device_token)}"

@@ -6,6 +6,7 @@ Shared by `dovenotify serve` (relay_process: inline) and `dovenotify relay`
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import attrs
@@ -15,13 +16,53 @@ from dovenotify.core.config import Config
 from dovenotify.core.sockets import unix_listener
 from dovenotify.core.usernames import UserKeys
 from dovenotify.relay.server import Register, Relay, allowed_uids
-from dovenotify.store.base import Registration, Store
+from dovenotify.store.base import Registration, Store, who
+
+log = logging.getLogger("dovenotify")
 
 
-async def register_keyed(store: Store, usernames: UserKeys, registration: Registration) -> None:
-    """Store a registration under the user key that events are matched by."""
-    user = usernames.key(registration.username)
-    await trio.to_thread.run_sync(store.register, attrs.evolve(registration, username=user))
+async def register_keyed(
+    store: Store,
+    usernames: UserKeys,
+    registration: Registration,
+    *,
+    per_user: int,
+    mailboxes: int,
+) -> None:
+    """Store a registration under the user key that events are matched by, within the
+    bounds: `mailboxes` per registration, `per_user` registrations (the oldest go)."""
+    if len(registration.mailboxes) > mailboxes:
+        log.warning(
+            "%s asked pushes for %d mailboxes; only the first %d are pushed"
+            " (mailboxes_per_registration)",
+            who(registration),
+            len(registration.mailboxes),
+            mailboxes,
+        )
+    registration = attrs.evolve(
+        registration,
+        username=usernames.key(registration.username),
+        mailboxes=registration.mailboxes[:mailboxes],
+    )
+    await trio.to_thread.run_sync(_register_bounded, store, registration, per_user)
+
+
+def _register_bounded(store: Store, registration: Registration, per_user: int) -> None:
+    store.register(registration)
+    others = [d for d in store.devices(registration.username) if d.key != registration.key]
+    surplus = len(others) + 1 - per_user
+    if surplus <= 0:
+        return
+    for old in sorted(others, key=lambda d: d.registered_at)[:surplus]:
+        store.remove(
+            username=old.username, account_id=old.account_id, device_token=old.device_token
+        )
+    log.warning(
+        "%s has more than %d registrations (registrations_per_user): removed the %d oldest",
+        registration.username,
+        per_user,
+        surplus,
+    )
 
 
 def open_relay(

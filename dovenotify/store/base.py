@@ -83,6 +83,11 @@ def short_token(token: str) -> str:
     return token[:8] + "…" if len(token) > 8 else token
 
 
+def who(device: Registration) -> str:
+    """A registration as logs name it."""
+    return f"{device.username} device {short_token(device.device_token)}"
+
+
 def criteria(
     username: str | None,
     account_id: str | None,

@@ -15,6 +15,7 @@ from dovenotify.cli import relay as cli_relay
 from dovenotify.cli import setup
 from dovenotify.cli.registry import UsageError, add_command, run_daemon
 from dovenotify.core import config as configuration
+from dovenotify.core.logsetup import escape_controls
 from dovenotify.store.base import StoreError
 
 
@@ -24,10 +25,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (configuration.ConfigError, StoreError, UsageError, ValueError) as e:
-        print(f"dovenotify: {e}", file=sys.stderr)
+        print(f"dovenotify: {escape_controls(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dovenotify {args.command}: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        print(
+            f"dovenotify {args.command} failed: {escape_controls(_cause(e))}."
+            " This is a bug in dovenotify; please report it with this line.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _cause(e: BaseException) -> str:
+    """An exception in one line: its kind and message, or a group's first one."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _parser() -> argparse.ArgumentParser:

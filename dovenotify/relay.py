@@ -166,8 +166,7 @@ class Relay:
             # relayed/direct went from 0.88 to 1.04 (0.80 to 0.89 under load).
             inlet = _Inlet(server, client, replies, splice=not tcp)
             while data := await inlet.receive():
-                for chunk in replies.feed(data):
-                    await zerocopy.send_all(client, chunk)
+                await zerocopy.send_joined(client, replies.feed(data))
                 if (verdict := replies.take_verdict()) is not None:
                     session.decided(verdict)
         except OSError:
@@ -197,14 +196,21 @@ class Relay:
 
             while data := await inlet.receive():
                 queue(commands.feed(data))
+                # What one read brought goes on in one write, as the client sent it:
+                # Dovecot then reads pipelined commands together, as it would direct.
+                forward: list[bytes | memoryview] = []
                 while actions:
                     action = actions.popleft()
                     if isinstance(action, imapscan.Forward):
-                        await zerocopy.send_all(server, action.data)
-                    elif isinstance(action, imapscan.AwaitVerdict):
+                        forward.append(action.data)
+                        continue
+                    await zerocopy.send_joined(server, forward)
+                    forward = []
+                    if isinstance(action, imapscan.AwaitVerdict):
                         queue(commands.verdict(await session.verdict()))
                     else:
                         queue(await self._intercepted(session, server, action))
+                await zerocopy.send_joined(server, forward)
                 if commands.stepped_out:
                     replies.leave()
             # The client is gone: tell Dovecot, and let it close its side.
@@ -295,9 +301,17 @@ class _Inlet:
         return data
 
     async def _splice(self) -> bool:
-        """Splice the long literal on; False when `source` ended first."""
+        """Splice the long literal (or the stepped-out session) on; False when `source`
+        ended first."""
         try:
-            with contextlib.closing(zerocopy.Pipe()) as pipe:
+            pipe = zerocopy.Pipe()
+        except OSError as e:
+            if e.errno not in _OUT_OF_RESOURCES:
+                raise
+            # No descriptors for a pipe: the session goes on, copied.
+            return await self._copy()
+        try:
+            with contextlib.closing(pipe):
                 while self.scanner.opaque >= SPLICE_MIN:
                     moved = await zerocopy.splice(
                         self.source, self.target, self.scanner.opaque, pipe

@@ -551,3 +551,4 @@ async def test_out_of_descriptors_the_relay_pauses_and_sessions_go_on(test_pki, 
         await phone.logout()
         for end in held:
             end.close()
+        assert "Traceback" not in stack.service.log_text()

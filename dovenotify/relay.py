@@ -39,6 +39,7 @@ BUFFER = 256 * 1024
 # buffer of COPY_BUFFER bytes); shorter ones are not worth a pipe or a buffer.
 SPLICE_MIN = 64 * 1024
 COPY_BUFFER = 1024 * 1024
+IDLE_BUFFER = 1.0
 HANDSHAKE_LIMIT = 4096
 # Advertised in the sessions the relay still scans, where it answers the command.
 CAPABILITY = b"XAPPLEPUSHSERVICE"
@@ -328,16 +329,30 @@ class _Inlet:
         return True
 
     async def _copy(self) -> bool:
-        """Copy the long literal (or the whole stepped-out session) on; False when
-        `source` ended first. Each read allocates its own buffer, after the data is
-        there: an idle stepped-out session holds none."""
+        """Copy the long literal (or the stepped-out session) on; False when `source`
+        ended first. One buffer serves while data flows; it is dropped once the source
+        has been dry for IDLE_BUFFER seconds, so that an idle stepped-out session
+        holds none."""
+        buffer: memoryview | None = None
         while self.scanner.opaque >= SPLICE_MIN:
-            data = await self.source.recv(min(self.scanner.opaque, COPY_BUFFER))
-            if not data:
+            if buffer is None:
+                await trio.lowlevel.wait_readable(self.source)
+                buffer = memoryview(bytearray(min(self.scanner.opaque, COPY_BUFFER)))
+            try:
+                count = os.readv(
+                    self.source.fileno(), [buffer[: min(self.scanner.opaque, len(buffer))]]
+                )
+            except BlockingIOError:
+                with trio.move_on_after(IDLE_BUFFER) as idle:
+                    await trio.lowlevel.wait_readable(self.source)
+                if idle.cancelled_caught:
+                    buffer = None
+                continue
+            if not count:
                 return False
-            self.scanner.bypassed(len(data))
+            self.scanner.bypassed(count)
             _quickack(self.source, self.quickack)
-            await zerocopy.send_all(self.target, data)
+            await zerocopy.send_all(self.target, buffer[:count])
         return True
 
 

@@ -20,6 +20,7 @@ import pytest
 import trio
 
 from dovenotify.store import Registration, SQLiteStore
+from tests.harness.certs import Pki
 from tests.harness.dovecot import deliver
 from tests.harness.handoff import hand_over, relays
 from tests.harness.imap_client import ImapClient
@@ -39,6 +40,13 @@ async def devices(stack: Stack) -> list[Registration]:
             store.close()
 
     return await trio.to_thread.run_sync(read)
+
+
+def alice_relayed_bob_not(pki: Pki, version: str) -> contextlib.AbstractAsyncContextManager[Stack]:
+    """A stack whose relay takes alice's sessions (relay_only_field) and not bob's."""
+    return run_stack(
+        pki, {"relay_only_field": "push"}, version=version, userdb_fields={"alice": {"push": "yes"}}
+    )
 
 
 def ios_command(tag: str, **changes: str) -> bytes:
@@ -335,12 +343,7 @@ def capabilities_in(line: bytes) -> list[bytes]:
 async def test_xapplepushservice_is_offered_exactly_where_the_relay_answers_it(
     test_pki, dovecot_version
 ):
-    async with run_stack(
-        test_pki,
-        {"relay_only_field": "push"},
-        version=dovecot_version,
-        userdb_fields={"alice": {"push": "yes"}},
-    ) as stack:
+    async with alice_relayed_bob_not(test_pki, dovecot_version) as stack:
         for user, offered in (("alice", 1), ("bob", 0)):
             client = await ImapClient.connect(
                 stack.dovecot.host,
@@ -385,22 +388,30 @@ async def transcript(stack: Stack, user: str, register: bool) -> list[bytes]:
 
     small = b"Subject: small\r\n\r\n" + b"x1 XAPPLEPUSHSERVICE\r\n" * 20_000
     large = big_message(3 * 1024 * 1024)
-    await run(b"s1 SELECT INBOX\r\n", b"s1 ")
-    await run(b"a1 APPEND NoSuchBox {20}\r\n", b"a1 ")
-    await run(b"a2 APPEND INBOX {%d}\r\n" % len(small), rb"\+")
-    await run(small + b"\r\n", b"a2 ")
-    await run(b"p1 NOOP\r\np2 STATUS INBOX (MESSAGES)\r\np3 FETCH 1 BODY.PEEK[]\r\n", b"p3 ")
-    await run(b"i1 IDLE\r\n", rb"\+")
+    until_idle = [
+        (b"s1 SELECT INBOX\r\n", b"s1 "),
+        (b"a1 APPEND NoSuchBox {20}\r\n", b"a1 "),
+        (b"a2 APPEND INBOX {%d}\r\n" % len(small), rb"\+"),
+        (small + b"\r\n", b"a2 "),
+        (b"p1 NOOP\r\np2 STATUS INBOX (MESSAGES)\r\np3 FETCH 1 BODY.PEEK[]\r\n", b"p3 "),
+        (b"i1 IDLE\r\n", rb"\+"),
+    ]
+    after_idle = [
+        (b"DONE\r\n", b"i1 "),
+        (b"a3 APPEND INBOX {%d}\r\n" % len(large), rb"\+"),
+        (large + b"\r\n", b"a3 "),
+        (b"f1 FETCH 1:* (FLAGS BODY.PEEK[])\r\n", b"f1 "),
+        (b"a4 APPEND NoSuchBox {20}\r\n", b"a4 "),
+        (b"l1 LOGOUT\r\n", b"l1 "),
+    ]
+    for data, until in until_idle:
+        await run(data, until)
     other = await stack.iphone(user)
     assert (await other.append("INBOX", b"Subject: while idle\r\n\r\nhi\r\n")).ok
     await other.logout()
     await run(b"", rb"\* \d+ EXISTS")
-    await run(b"DONE\r\n", b"i1 ")
-    await run(b"a3 APPEND INBOX {%d}\r\n" % len(large), rb"\+")
-    await run(large + b"\r\n", b"a3 ")
-    await run(b"f1 FETCH 1:* (FLAGS BODY.PEEK[])\r\n", b"f1 ")
-    await run(b"a4 APPEND NoSuchBox {20}\r\n", b"a4 ")
-    await run(b"l1 LOGOUT\r\n", b"l1 ")
+    for data, until in after_idle:
+        await run(data, until)
     with pytest.raises(EOFError):
         await client.read_response()
     await client.aclose()
@@ -408,12 +419,7 @@ async def transcript(stack: Stack, user: str, register: bool) -> list[bytes]:
 
 
 async def test_relayed_sessions_are_byte_for_byte_what_dovecot_sends(test_pki, dovecot_version):
-    async with run_stack(
-        test_pki,
-        {"relay_only_field": "push"},
-        version=dovecot_version,
-        userdb_fields={"alice": {"push": "yes"}},
-    ) as stack:
+    async with alice_relayed_bob_not(test_pki, dovecot_version) as stack:
         # alice is relayed (scanned to IDLE; then stepped out from the start by
         # registering), bob is not: the same script, the same answers.
         for register in (False, True):
@@ -507,12 +513,7 @@ async def test_only_allowed_users_may_hand_connections_to_the_relay(test_pki, do
 
 
 async def test_relay_only_field_leaves_other_users_to_dovecot(test_pki, dovecot_version):
-    async with run_stack(
-        test_pki,
-        {"relay_only_field": "push"},
-        version=dovecot_version,
-        userdb_fields={"alice": {"push": "yes"}},
-    ) as stack:
+    async with alice_relayed_bob_not(test_pki, dovecot_version) as stack:
         alice = await stack.iphone("alice")
         assert (await alice.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
         bob = await stack.iphone("bob")

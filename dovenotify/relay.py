@@ -245,7 +245,7 @@ class Relay:
             account_id=request.account_id,
             device_token=request.device_token,
             topic=topic,
-            mailboxes=request.mailboxes,
+            mailboxes=request.folders,
         )
         if not await store_registration(self.register, registration):
             return (

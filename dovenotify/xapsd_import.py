@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .certificates import CertificateError, Credentials, load_credentials
+from .mailboxes import upgrade
 
 XAPSD_DIR = Path("/etc/xapsd")
 MAIL_CERTIFICATE_INDEX = 2  # calendar, contact, mail, mgmt, alerts
@@ -69,6 +70,11 @@ def read_database(path: Path) -> Database:
         raise XapsdError(f"{path}: cannot read: {error.strerror or error}") from error
     except ValueError as error:
         raise XapsdError(f"{path}: not xapsd's database.json (not JSON: {error})") from error
+    except RecursionError as error:
+        # xapsd nests three levels; Python's parser gives up near a thousand.
+        raise XapsdError(
+            f"{path}: not xapsd's database.json (its JSON is nested too deeply to read)"
+        ) from error
     if not isinstance(document, dict) or not isinstance(document.get("Users", {}), dict):
         raise XapsdError(f'{path}: not xapsd\'s database.json (no "Users" mapping)')
     entries: list[Entry] = []
@@ -98,8 +104,10 @@ def _entry(user: str, account_id: str, account: object) -> Entry | str:
     mailboxes = account.get("Mailboxes")
     if not isinstance(mailboxes, list) or not all(isinstance(m, str) for m in mailboxes):
         mailboxes = []
-    # xapsd only ever pushed INBOX, whatever the device asked for.
-    return Entry(user, account_id, token.lower(), tuple(mailboxes) or ("INBOX",), _time(account))
+    # xapsd only ever pushed INBOX, whatever the device asked for. The C plugin
+    # passed the names on as iOS spelled them: stored in UTF-8, as the relay does.
+    names = tuple(upgrade(mailboxes)) or ("INBOX",)
+    return Entry(user, account_id, token.lower(), names, _time(account))
 
 
 def _time(account: Mapping[str, Any]) -> float | None:
@@ -135,6 +143,26 @@ def _apple_certificate(path: Path, document: Mapping[str, Any]) -> tuple[Any, An
         ) from error
 
 
+# The keys of xapsd.yaml dovenotify reads; each holds one file name or value.
+_STRING_KEYS = (
+    "certificateFileP12",
+    "certificateFilePem",
+    "certificateFilePemKey",
+    "keyFileP8",
+    "keyFileTopic",
+    "keyFileKeyId",
+    "keyFileTeamId",
+)
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a yes/no value" if isinstance(value, bool) else "a number"
+
+
 def read_config(path: Path, base: Path = XAPSD_DIR) -> Credentials | TokenSettings | None:
     """The credentials xapsd.yaml names (file names relative to `base`), if any."""
     try:
@@ -143,8 +171,18 @@ def read_config(path: Path, base: Path = XAPSD_DIR) -> Credentials | TokenSettin
         raise XapsdError(f"{path}: cannot read: {error.strerror or error}") from error
     except yaml.YAMLError as error:
         raise XapsdError(f"{path}: not valid YAML: {error}") from error
+    except RecursionError as error:
+        raise XapsdError(f"{path}: this YAML is nested too deeply to read") from error
     if not isinstance(settings, dict):
         raise XapsdError(f"{path}: expected xapsd's settings (a mapping)")
+    for key in _STRING_KEYS:
+        value = settings.get(key)
+        # YAML reads a numeric team id (1234567890) as a number: that is still a name.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            raise XapsdError(
+                f"{path}: {key} must be a single name or value, not"
+                f" {_kind(value)} ({json.dumps(value, default=str)[:60]})"
+            )
 
     def file(key: str) -> Path | None:
         name = settings.get(key)

@@ -37,7 +37,7 @@ with atheris.instrument_imports(include=["dovenotify"]) if RUNNING else contextl
     from dovenotify.core import config
     from dovenotify.events import decoder as events
     from dovenotify.relay import imapscan, xaps
-    from dovenotify.relay import server as relay
+    from dovenotify.relay.handoff import parse_hello
 
 
 CONFIG_PATH = Path("/etc/dovenotify/dovenotify.yaml")
@@ -78,7 +78,7 @@ def config_target(data: bytes) -> None:
 
 def relay_hello_target(data: bytes) -> None:
     with contextlib.suppress(ValueError):
-        relay.parse_hello(data)
+        parse_hello(data)
 
 
 def xapsd_api_target(data: bytes) -> None:

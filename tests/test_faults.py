@@ -471,14 +471,17 @@ async def test_postgresql_disk_full_answers_no_and_keeps_what_it_acknowledged(
                     # PostgreSQL writes a row into room left in the table's last page
                     # (and its WAL, on another disk): those registrations are stored.
                     # The one that needs a new page meets the full disk.
-                    phone = await stack.iphone("bob")
                     acknowledged = []
                     for n in range(500):
+                        # One registration per session, as iOS does: the relay
+                        # steps out of a session once it has registered.
+                        phone = await stack.iphone("bob")
                         token = f"{n:064x}"
                         reply = await phone.xapplepushservice(f"ACC-{n}", token, ["INBOX"])
                         if not reply.ok:
                             break
                         acknowledged.append(token)
+                        await phone.logout()
                     # The iPhone is told NO (it retries later), and the session goes on.
                     assert reply.status == "NO", reply
                     assert (await phone.command("NOOP")).ok

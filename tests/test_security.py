@@ -405,10 +405,15 @@ async def test_a_hostile_imap_client_is_bounded(test_pki, dovecot_version):
         for token in ("a", "abc", "ab" * 101, "zz" * 32):
             reply = await phone.xapplepushservice(ACCOUNT, token, ["INBOX"])
             assert reply.status == "BAD", (token, reply)
+        await phone.logout()
+        # One registration per session, as iOS does: the relay steps out after it.
         for n in range(1, 5):
+            phone = await stack.iphone("alice")
             assert (await phone.xapplepushservice(f"A-{n}", f"{n:02x}" * 32, ["INBOX"])).ok
+            await phone.logout()
         # A mailbox name with a terminal escape (ESC in modified UTF-7, as raw
         # control characters are refused), and an extra key naming bob.
+        phone = await stack.iphone("alice")
         reply = await phone.command(
             'XAPPLEPUSHSERVICE "aps-version" "2" "aps-account-id" "A-0"'
             f' "aps-device-token" "{"0a" * 32}" "aps-subtopic" "com.apple.mobilemail"'

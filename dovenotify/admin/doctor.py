@@ -452,10 +452,12 @@ def dovecot_problems(
         missing = [p for p in PLUGINS if p not in plugins]
         if missing:
             problems.append(f"{protocol} lacks mail plugins {', '.join(missing)}")
-    if "XAPPLEPUSHSERVICE" not in enabled(
+    if "XAPPLEPUSHSERVICE" in enabled(
         doveconf(command, "-f", "protocol=imap", "-h", "imap_capability")
     ):
-        problems.append("imap_capability lacks XAPPLEPUSHSERVICE")
+        # The relay advertises it where it answers it; Dovecot would offer it
+        # also where nobody does (relay down, users outside relay_only_field).
+        problems.append("imap_capability adds XAPPLEPUSHSERVICE (the relay advertises it)")
     if facts.lua_script is None:
         problems.append("no push_notification Lua driver is configured")
     if facts.relay_socket is None:

@@ -116,6 +116,12 @@ _HEADER = """\
 #    which answers XAPPLEPUSHSERVICE and passes everything else through.
 """
 
+_CAPABILITY_NOTE = """\
+# No imap_capability line: the relay adds XAPPLEPUSHSERVICE to the capabilities
+# of exactly the sessions where it answers the command. COMPRESS=DEFLATE (imap_zlib
+# on 2.3) is fine: the relay steps out of a session that turns compression on.
+"""
+
 _LUA_23_USER_FIELD = """\
   # Send this userdb field as the username instead of the login name, so that
   # IMAP logins and LMTP deliveries name the same user.
@@ -143,9 +149,6 @@ def _render_23(
 # mail_plugins elsewhere would not see a global addition.
 protocol imap {{
   mail_plugins = $mail_plugins {plugins}
-  # iOS offers push only for servers that advertise this after login.
-  # The leading + keeps Dovecot's default capabilities.
-  imap_capability = +XAPPLEPUSHSERVICE
 }}
 protocol lmtp {{
   mail_plugins = $mail_plugins {plugins}
@@ -153,9 +156,7 @@ protocol lmtp {{
 protocol lda {{
   mail_plugins = $mail_plugins {plugins}
 }}
-# COMPRESS=DEFLATE (imap_zlib, if you load it) is safe: the relay answers
-# COMPRESS itself and inflates the client's side, so it still reads commands.
-
+{_CAPABILITY_NOTE}
 plugin {{
   # If you already use push_notification_driver, make this
   # push_notification_driver2 (or the next free number).
@@ -192,10 +193,7 @@ def _render_24(
 ) -> str:
     plugins = "".join(f"    {p} = yes\n" for p in PLUGINS)
     protocol_blocks = "".join(
-        f"protocol {p} {{\n  mail_plugins {{\n{plugins}  }}\n"
-        + (_IMAP_24_CAPABILITY if p == "imap" else "")
-        + "}\n"
-        for p in PROTOCOLS
+        f"protocol {p} {{\n  mail_plugins {{\n{plugins}  }}\n}}\n" for p in PROTOCOLS
     )
     user_field_lines = (
         "    # Send this userdb field as the username instead of the login name, so\n"
@@ -212,6 +210,7 @@ def _render_24(
 # that changes mail: IMAP (APPEND, flags, expunge), LMTP and LDA (new mail).
 """
         + protocol_blocks
+        + _CAPABILITY_NOTE
         + f"""
 push_notification lua {{
   lua_file = {lua}
@@ -231,16 +230,6 @@ push_notification lua {{
 """
         + _postlogin(helper, "$SET:default_internal_user")
     )
-
-
-_IMAP_24_CAPABILITY = """\
-  imap_capability {
-    # iOS offers push only for servers that advertise this after login.
-    XAPPLEPUSHSERVICE = yes
-    # COMPRESS=DEFLATE stays offered: the relay answers COMPRESS itself and
-    # inflates the client's side, so it still reads the client's commands.
-  }
-"""
 
 
 def _postlogin(helper: str, internal_user: str) -> str:

@@ -15,7 +15,8 @@ import trio
 from dovenotify.core.config import Config
 from dovenotify.core.sockets import unix_listener
 from dovenotify.core.usernames import UserKeys
-from dovenotify.relay.server import Register, Relay, allowed_uids
+from dovenotify.relay.handoff import allowed_uids
+from dovenotify.relay.server import Register, Relay
 from dovenotify.store.base import Registration, Store, who
 
 log = logging.getLogger("dovenotify")

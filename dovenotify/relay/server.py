@@ -1,32 +1,38 @@
 """The relay: takes IMAP connections from the post-login helper and sits in the middle.
 
 Per connection, bytes flow client→Dovecot through `imapscan.ClientScanner` and
-Dovecot→client through `imapscan.ServerScanner`. XAPPLEPUSHSERVICE is answered
-here: the relay stores the registration, sends Dovecot a NOOP under a tag of its
-own, and swaps Dovecot's tagged reply to that NOOP for the XAPPLEPUSHSERVICE
-answer, so pipelined replies keep their order. COMPRESS is answered the same way,
-and the relay then deflates the client's side of the connection itself.
+Dovecot→client through `imapscan.ServerScanner`, until the relay steps out of the
+session (see imapscan); then both directions are moved without a look, by splice
+where the kernel can. XAPPLEPUSHSERVICE is answered here: the relay stores the
+registration, sends Dovecot a NOOP under a tag of its own, and swaps Dovecot's
+tagged reply to that NOOP for the XAPPLEPUSHSERVICE answer, so pipelined replies
+keep their order. COMPRESS is Dovecot's: the relay forwards it and, once Dovecot
+accepts it, steps out.
 """
 
 from __future__ import annotations
 
-import array
+import collections
 import contextlib
 import errno
 import itertools
-import json
 import logging
 import os
-import pwd
 import resource
 import socket
-import struct
 from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
 
 from dovenotify.relay import imapscan, xaps, zerocopy
+from dovenotify.relay.handoff import (
+    DescriptorsLost,
+    Handoff,
+    peer_uid,
+    receive_handoff,
+    user_name,
+)
 from dovenotify.store.base import Registration, short_token
 
 log = logging.getLogger("dovenotify.relay")
@@ -36,19 +42,13 @@ BUFFER = 256 * 1024
 # buffer of COPY_BUFFER bytes); shorter ones are not worth a pipe or a buffer.
 SPLICE_MIN = 64 * 1024
 COPY_BUFFER = 1024 * 1024
-HANDSHAKE_LIMIT = 4096
+IDLE_BUFFER = 1.0
+# Advertised in the sessions the relay still scans, where it answers the command.
+CAPABILITY = b"XAPPLEPUSHSERVICE"
 # Out of descriptors or memory: pause accepting for this long, then try again.
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_PAUSE = 0.1
 _placeholder_tags = itertools.count(1)
-
-
-@attrs.frozen
-class Handoff:
-    """Who logged in, as the post-login helper tells it."""
-
-    username: str
-    ip: str
 
 
 Register = Callable[[Registration], Awaitable[None]]
@@ -94,18 +94,18 @@ class Relay:
         sock = control.socket
         handoff, fds, go = None, [], b""
         try:
-            uid = _peer_uid(sock)
+            uid = peer_uid(sock)
             if uid not in self.allowed_uids:
                 log.warning(
                     "refused a relay handoff from uid %s: only %s may hand over connections",
                     uid,
-                    ", ".join(_user_name(u) for u in sorted(self.allowed_uids)),
+                    ", ".join(user_name(u) for u in sorted(self.allowed_uids)),
                 )
                 return
             with trio.move_on_after(self.handshake_timeout):
                 try:
-                    handoff, fds = await _receive_handoff(sock)
-                except _DescriptorsLost:
+                    handoff, fds = await receive_handoff(sock)
+                except DescriptorsLost:
                     self._starving("out of file descriptors")
                     return
                 if handoff is not None:
@@ -135,35 +135,35 @@ class Relay:
         if tcp:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.connections += 1
-        scanner = imapscan.ServerScanner()
+        session = _Session(handoff, imapscan.ClientScanner(), imapscan.ServerScanner(CAPABILITY))
         try:
             with client, server:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(
-                        self._to_server, handoff, client, server, scanner, nursery, tcp
-                    )
-                    nursery.start_soon(self._to_client, server, client, scanner, nursery, tcp)
+                    nursery.start_soon(self._to_server, session, client, server, nursery, tcp)
+                    nursery.start_soon(self._to_client, session, server, client, nursery, tcp)
         finally:
             self.connections -= 1
 
     async def _to_client(
         self,
+        session: _Session,
         server: trio.socket.SocketType,
         client: trio.socket.SocketType,
-        scanner: imapscan.ServerScanner,
         nursery: trio.Nursery,
         tcp: bool,
     ) -> None:
+        replies = session.replies
         try:
             # Into a TCP socket, long literals are copied, not spliced. Copying
             # costs the relay a little more CPU, but the client spends far less
             # reading copied bytes (which TCP packs into its own large pages, as
             # it does Dovecot's writes) than spliced ones: 50 MB FETCH, plain,
             # relayed/direct went from 0.88 to 1.04 (0.80 to 0.89 under load).
-            inlet = _Inlet(server, client, scanner, splice=not tcp)
+            inlet = _Inlet(server, client, replies, splice=not tcp)
             while data := await inlet.receive():
-                for chunk in scanner.feed(data):
-                    await zerocopy.send_all(client, chunk)
+                await zerocopy.send_joined(client, replies.feed(data))
+                if (verdict := replies.take_verdict()) is not None:
+                    session.decided(verdict)
         except OSError:
             pass
         # Dovecot hung up (LOGOUT, shutdown) or the client went away: either way
@@ -172,45 +172,67 @@ class Relay:
 
     async def _to_server(
         self,
-        handoff: Handoff,
+        session: _Session,
         client: trio.socket.SocketType,
         server: trio.socket.SocketType,
-        replies: imapscan.ServerScanner,
         nursery: trio.Nursery,
         tcp: bool,
     ) -> None:
-        commands = imapscan.ClientScanner()
+        commands, replies = session.commands, session.replies
         try:
             inlet = _Inlet(client, server, commands, quickack=tcp)
+            actions: collections.deque[imapscan.Action] = collections.deque()
+
+            def queue(more: list[imapscan.Action]) -> None:
+                if more and isinstance(more[-1], imapscan.AwaitVerdict):
+                    # Before the command goes to Dovecot: its answer may come at once.
+                    replies.expect(more[-1])
+                actions.extend(more)
+
             while data := await inlet.receive():
-                for action in commands.feed(data):
+                queue(commands.feed(data))
+                # What one read brought goes on in one write, as the client sent it:
+                # Dovecot then reads pipelined commands together, as it would direct.
+                forward: list[bytes | memoryview] = []
+                while actions:
+                    action = actions.popleft()
                     if isinstance(action, imapscan.Forward):
-                        await zerocopy.send_all(server, action.data)
-                    elif isinstance(action, imapscan.Broken):
-                        log.warning("closed %s's session: %s", handoff.username, action.reason)
-                        nursery.cancel_scope.cancel()
-                        return
+                        forward.append(action.data)
+                        continue
+                    await zerocopy.send_joined(server, forward)
+                    forward = []
+                    if isinstance(action, imapscan.AwaitVerdict):
+                        queue(commands.verdict(await session.verdict()))
                     else:
-                        # Dovecot answers a NOOP in this command's turn; that answer
-                        # is swapped for ours, so replies keep the clients' order.
-                        tag = b"dovenotify.%d" % next(_placeholder_tags)
-                        if isinstance(action, imapscan.Compress):
-                            replies.replace(tag, action.answer, then_deflate=action.started)
-                        else:
-                            replies.replace(tag, await self._answer(handoff, action))
-                        await zerocopy.send_all(server, tag + b" NOOP\r\n")
+                        queue(await self._intercepted(session, server, action))
+                await zerocopy.send_joined(server, forward)
+                if commands.stepped_out:
+                    replies.leave()
             # The client is gone: tell Dovecot, and let it close its side.
             server.shutdown(socket.SHUT_WR)
         except OSError:
             nursery.cancel_scope.cancel()
 
-    async def _answer(self, handoff: Handoff, command: imapscan.Intercepted) -> bytes:
+    async def _intercepted(
+        self, session: _Session, server: trio.socket.SocketType, command: imapscan.Intercepted
+    ) -> list[imapscan.Action]:
+        # Dovecot answers a NOOP in this command's turn; that answer is swapped
+        # for ours, so replies keep the client's order.
+        tag = b"dovenotify.%d" % next(_placeholder_tags)
+        answer, registered = await self._answer(session.handoff, command)
+        session.replies.replace(tag, answer)
+        await zerocopy.send_all(server, tag + b" NOOP\r\n")
+        # A registered session has nothing more for the relay.
+        return session.commands.resume(step_out=registered)
+
+    async def _answer(self, handoff: Handoff, command: imapscan.Intercepted) -> tuple[bytes, bool]:
+        """The answer to an XAPPLEPUSHSERVICE command, and whether it registered."""
         if command.problem:
-            return xaps.bad(command.tag, command.problem)
+            return xaps.bad(command.tag, command.problem), False
         try:
             request = xaps.parse(command.line)
         except xaps.XapsError as e:
-            return xaps.bad(command.tag, str(e))
+            return xaps.bad(command.tag, str(e)), False
         topic = self.topic()
         registration = Registration(
             username=handoff.username,
@@ -220,8 +242,36 @@ class Relay:
             mailboxes=request.folders,
         )
         if not await store_registration(self.register, registration):
-            return xaps.no(command.tag, "the registration could not be stored, try again later")
-        return xaps.answer(command.tag, topic, request.mailboxes)
+            return (
+                xaps.no(command.tag, "the registration could not be stored, try again later"),
+                False,
+            )
+        return xaps.answer(command.tag, topic, request.mailboxes), True
+
+
+@attrs.define
+class _Session:
+    """One relayed session: its two scanners, and the handover of Dovecot's verdicts
+    (seen by the server→client task) to the client→server task waiting for them."""
+
+    handoff: Handoff
+    commands: imapscan.ClientScanner
+    replies: imapscan.ServerScanner
+    _verdict: bool = False
+    _decided: trio.Event | None = None
+
+    async def verdict(self) -> bool:
+        if self._decided is None:
+            self._decided = trio.Event()
+        await self._decided.wait()
+        self._decided = None
+        return self._verdict
+
+    def decided(self, accepted: bool) -> None:
+        self._verdict = accepted
+        if self._decided is None:
+            self._decided = trio.Event()
+        self._decided.set()
 
 
 @attrs.define
@@ -246,9 +296,17 @@ class _Inlet:
         return data
 
     async def _splice(self) -> bool:
-        """Splice the long literal on; False when `source` ended first."""
+        """Splice the long literal (or the stepped-out session) on; False when `source`
+        ended first."""
         try:
-            with contextlib.closing(zerocopy.Pipe()) as pipe:
+            pipe = zerocopy.Pipe()
+        except OSError as e:
+            if e.errno not in _OUT_OF_RESOURCES:
+                raise
+            # No descriptors for a pipe: the session goes on, copied.
+            return await self._copy()
+        try:
+            with contextlib.closing(pipe):
                 while self.scanner.opaque >= SPLICE_MIN:
                     moved = await zerocopy.splice(
                         self.source, self.target, self.scanner.opaque, pipe
@@ -265,11 +323,25 @@ class _Inlet:
         return True
 
     async def _copy(self) -> bool:
-        """Copy the long literal on; False when `source` ended first. The buffer
-        lives only as long as the literal: idle sessions must stay small."""
-        buffer = memoryview(bytearray(min(self.scanner.opaque, COPY_BUFFER)))
+        """Copy the long literal (or the stepped-out session) on; False when `source`
+        ended first. One buffer serves while data flows; it is dropped once the source
+        has been dry for IDLE_BUFFER seconds, so that an idle stepped-out session
+        holds none."""
+        buffer: memoryview | None = None
         while self.scanner.opaque >= SPLICE_MIN:
-            count = await self.source.recv_into(buffer, min(self.scanner.opaque, len(buffer)))
+            if buffer is None:
+                await trio.lowlevel.wait_readable(self.source)
+                buffer = memoryview(bytearray(min(self.scanner.opaque, COPY_BUFFER)))
+            try:
+                count = os.readv(
+                    self.source.fileno(), [buffer[: min(self.scanner.opaque, len(buffer))]]
+                )
+            except BlockingIOError:
+                with trio.move_on_after(IDLE_BUFFER) as idle:
+                    await trio.lowlevel.wait_readable(self.source)
+                if idle.cancelled_caught:
+                    buffer = None
+                continue
             if not count:
                 return False
             self.scanner.bypassed(count)
@@ -314,74 +386,3 @@ async def store_registration(register: Register, registration: Registration, via
         via,
     )
     return True
-
-
-async def _receive_handoff(sock: trio.socket.SocketType) -> tuple[Handoff | None, list[int]]:
-    fd_size = array.array("i").itemsize
-    data, ancillary, flags, _addr = await sock.recvmsg(
-        HANDSHAKE_LIMIT, socket.CMSG_SPACE(2 * fd_size)
-    )
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            received = array.array("i")
-            received.frombytes(payload[: len(payload) - len(payload) % fd_size])
-            fds.extend(received)
-    if flags & socket.MSG_CTRUNC:
-        # The kernel could not give us the descriptors (we are at our limit).
-        for fd in fds:
-            os.close(fd)
-        raise _DescriptorsLost
-    try:
-        if len(fds) != 2:
-            raise ValueError(f"expected two file descriptors, got {len(fds)}")
-        return parse_hello(data), fds
-    except ValueError as e:
-        log.warning("ignored a malformed relay handoff: %s", e)
-        for fd in fds:
-            os.close(fd)
-        return None, []
-
-
-def parse_hello(data: bytes) -> Handoff:
-    """Who logged in, from the helper's hello line; ValueError naming what is wrong."""
-    try:
-        hello = json.loads(data.decode("utf-8"))
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    if not isinstance(hello, dict):
-        raise ValueError("expected a JSON object")
-    # `lookup` is the user_lookup field, empty when the user's userdb has none.
-    username = hello.get("lookup") or hello.get("user")
-    if not isinstance(username, str) or not username:
-        raise ValueError("expected a user name")
-    return Handoff(username=username, ip=str(hello.get("ip", "")))
-
-
-class _DescriptorsLost(Exception):
-    """A handoff arrived without its descriptors: this process has no room for them."""
-
-
-def _peer_uid(sock: trio.socket.SocketType) -> int:
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return uid
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def allowed_uids(names: tuple[str, ...]) -> frozenset[int]:
-    """Resolve user names to uids; names that do not exist on this host are skipped."""
-    uids = set()
-    for name in names:
-        try:
-            uids.add(pwd.getpwnam(name).pw_uid)
-        except KeyError:
-            if name.isdigit():
-                uids.add(int(name))
-    return frozenset(uids)

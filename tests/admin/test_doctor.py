@@ -127,20 +127,20 @@ async def test_doctor_names_each_breakage_and_its_fix(test_pki):
         # hand-made directory).
         Path(settings["event_socket"]).chmod(0o600)
         Path(settings["event_spool"]).chmod(0o600)
-        # Dovecot's configuration with the capability line dropped.
+        # Dovecot's configuration with an old snippet's capability line.
         conf = stack.dovecot.conf_path.read_text()
         broken = stack.dovecot.conf_path.with_name("broken.conf")
-        # 2.3 writes `imap_capability = +XAPPLEPUSHSERVICE`, 2.4 `XAPPLEPUSHSERVICE = yes`.
-        without = re.sub(r"(imap_capability = \+|\n\s*)XAPPLEPUSHSERVICE( = yes)?\n", "\n", conf)
-        assert without != conf
-        broken.write_text(without)
+        broken.write_text(conf + "protocol imap {\n  imap_capability = +XAPPLEPUSHSERVICE\n}\n")
 
         report = await run_doctor(config, broken)
 
         assert report.code == 1, report.output
         v = report.verdicts
         assert v["config"][0] == v["certificate"][0] == v["registrations"][0] == "ok"
-        assert v["dovecot"][:2] == ("FAIL", "imap_capability lacks XAPPLEPUSHSERVICE")
+        assert v["dovecot"][:2] == (
+            "FAIL",
+            "imap_capability adds XAPPLEPUSHSERVICE (the relay advertises it)",
+        )
         assert "dovenotify dovecot-config" in v["dovecot"][2]
         assert v["sockets"][0] == "FAIL"
         assert "nobody may not write to" in v["sockets"][1]
@@ -206,7 +206,6 @@ def test_doctor_reads_doveconf_of_both_versions(dovecot_version):
         assert doctor.dovecot_problems(doveconf, facts, defaults) == [
             "imap lacks mail plugins notify, push_notification, mail_lua, push_notification_lua",
             "lmtp lacks mail plugins notify, push_notification, mail_lua, push_notification_lua",
-            "imap_capability lacks XAPPLEPUSHSERVICE",
             "no push_notification Lua driver is configured",
             "imap does not run the dovenotify post-login helper",
         ]

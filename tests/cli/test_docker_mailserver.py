@@ -103,7 +103,7 @@ def test_user_patches_waits_for_a_certificate_then_configures(test_pki, dovecot_
         assert (container.supervisor / "dovenotify.conf").read_text() == PROGRAM.read_text()
         # Debian's whole configuration tree, with the snippet in conf.d, parses.
         parsed = container.doveconf()
-        assert "XAPPLEPUSHSERVICE" in parsed
+        assert "push_notification_lua" in parsed
         assert f"--socket {root}/run/relay.sock" in parsed
         assert f"{root}/run/events.sock" in parsed
         # Run again at the next container start: same result, no duplicates.

@@ -7,9 +7,13 @@ passes through `dovenotify serve`'s relay exactly as in production.
 import contextlib
 import hashlib
 import os
+import re
 import resource
 import signal
+import socket
 import sqlite3
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ import trio
 
 from dovenotify.store.base import Registration
 from dovenotify.store.sqlite import SQLiteStore
+from tests.harness.certs import Pki
 from tests.harness.dovecot import deliver
 from tests.harness.handoff import hand_over, relays
 from tests.harness.imap_client import ImapClient
@@ -36,6 +41,13 @@ async def devices(stack: Stack) -> list[Registration]:
             store.close()
 
     return await trio.to_thread.run_sync(read)
+
+
+def alice_relayed_bob_not(pki: Pki, version: str) -> contextlib.AbstractAsyncContextManager[Stack]:
+    """A stack whose relay takes alice's sessions (relay_only_field) and not bob's."""
+    return run_stack(
+        pki, {"relay_only_field": "push"}, version=version, userdb_fields={"alice": {"push": "yes"}}
+    )
 
 
 def ios_command(tag: str, **changes: str) -> bytes:
@@ -243,15 +255,17 @@ async def test_two_devices_restored_from_one_backup_both_get_pushes(test_pki, do
 
 async def test_registering_again_updates_mailboxes_and_time(test_pki, dovecot_version):
     async with run_stack(test_pki, version=dovecot_version) as stack:
-        phone = await stack.iphone()
-        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
-        (first,) = await devices(stack)
-        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX", "Notes"])).ok
-        (second,) = await devices(stack)
+        registered = []
+        # iOS registers once per session, at its start.
+        for mailboxes in (["INBOX"], ["INBOX", "Notes"]):
+            phone = await stack.iphone()
+            assert (await phone.xapplepushservice(ACCOUNT, TOKEN, mailboxes)).ok
+            registered += await devices(stack)
+            await phone.logout()
+        first, second = registered
         assert first.mailboxes == ("INBOX",)
         assert second.mailboxes == ("INBOX", "Notes")
         assert second.registered_at > first.registered_at
-        await phone.logout()
 
 
 async def test_registration_is_on_disk_before_the_ok(test_pki, dovecot_version):
@@ -279,31 +293,207 @@ async def test_sighup_keeps_relayed_sessions(test_pki, dovecot_version):
         await phone.logout()
 
 
-async def test_compress_deflate_is_terminated_by_the_relay(test_pki, dovecot_version):
+# Dovecot 2.4 offers COMPRESS=DEFLATE by default; 2.3 with imap_zlib.
+COMPRESS_CONF = {"2.3": "protocol imap {\n  mail_plugins = $mail_plugins imap_zlib\n}\n", "2.4": ""}
+
+
+async def test_compress_is_dovecots_own_and_the_relay_steps_out(test_pki, dovecot_version):
     message = big_message(2 * 1024 * 1024)
-    async with run_stack(test_pki, version=dovecot_version) as stack:
+    conf = COMPRESS_CONF[dovecot_version]
+    async with run_stack(test_pki, version=dovecot_version, dovecot_conf=conf) as stack:
         phone = await stack.iphone()
-        assert (await phone.compress()).ok
-        # From here on a relay that could not inflate would not see this command,
-        # and a client that could not inflate would not read its answer.
-        reply = await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])
-        assert reply.ok, reply
-        assert (await devices(stack))[0].device_token == TOKEN
+        assert "COMPRESS=DEFLATE" in await phone.capability()
+        reply = await phone.compress()
+        assert reply.tagged.startswith(b"%s OK Begin compression" % reply.tag.encode())
+        # The relay no longer reads the session: Dovecot itself answers this.
+        refused = await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])
+        assert refused.status == "BAD" and b"Unknown command" in refused.tagged
+        assert await devices(stack) == []
         assert (await phone.append("INBOX", message)).ok
         assert (await phone.command("SELECT INBOX")).ok
         fetch = await phone.command("FETCH 1 BODY.PEEK[]")
         assert fetch.untagged[0].endswith(b"{%d}\r\n" % len(message) + message + b")")
         assert phone.stream.sent_compressed < len(message) / 10
-        # Each answer is flushed at once: IDLE hears of new mail while it waits.
         await phone.send_raw(b"i1 IDLE\r\n")
         assert (await phone.read_response()).startswith(b"+ ")
         deliver(stack.dovecot, "alice", b"Subject: compressed\r\n\r\nhi\r\n")
         assert await phone.read_response() == b"* 2 EXISTS"
         await phone.send_raw(b"DONE\r\n")
         assert (await phone.read_until_tagged("i1")).ok
-        again = await phone.command("COMPRESS DEFLATE")
-        assert again.tagged.startswith(b"%s NO [COMPRESSIONACTIVE]" % again.tag.encode())
         await phone.logout()
+
+
+async def test_a_refused_literal_does_not_hide_the_next_command(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        phone = await stack.iphone()
+        refused = await phone.append("NoSuchBox", b"Subject: x\r\n\r\n0123")
+        assert refused.tagged.startswith(b"%s NO [TRYCREATE]" % refused.tag.encode())
+        # The 20 bytes the client never sent are not awaited: this is a command.
+        assert (await phone.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+        assert [d.device_token for d in await devices(stack)] == [TOKEN]
+        await phone.logout()
+
+
+def capabilities_in(line: bytes) -> list[bytes]:
+    """The capability names of a `* CAPABILITY` line or an `OK [CAPABILITY ...]` one."""
+    match = re.search(rb"^\* CAPABILITY (.*)$|\[CAPABILITY ([^\]]*)\]", line)
+    assert match, line
+    return (match[1] or match[2]).split()
+
+
+async def test_xapplepushservice_is_offered_exactly_where_the_relay_answers_it(
+    test_pki, dovecot_version
+):
+    async with alice_relayed_bob_not(test_pki, dovecot_version) as stack:
+        for user, offered in (("alice", 1), ("bob", 0)):
+            client = await ImapClient.connect(
+                stack.dovecot.host,
+                stack.dovecot.imaps_port,
+                ssl_context=stack.dovecot.client_ssl_context(),
+            )
+            # Not before login...
+            assert b"XAPPLEPUSHSERVICE" not in client.greeting
+            # ...and after it, once, in both forms, to relayed users only.
+            login = await client.login(user, "secret")
+            assert capabilities_in(login.tagged).count(b"XAPPLEPUSHSERVICE") == offered
+            (line,) = (await client.command("CAPABILITY")).untagged_starting(b"CAPABILITY")
+            assert capabilities_in(line).count(b"XAPPLEPUSHSERVICE") == offered
+            if offered:
+                assert (await client.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
+                # Registered: the relay has stepped out, and says so no more.
+                (line,) = (await client.command("CAPABILITY")).untagged_starting(b"CAPABILITY")
+                assert b"XAPPLEPUSHSERVICE" not in capabilities_in(line)
+            await client.logout()
+
+
+TIMINGS = re.compile(rb" \(\d+\.\d+ \+ \d+\.\d+(?: \+ \d+\.\d+)? secs\)")
+UIDVALIDITY = re.compile(rb"\b1\d{9}\b")
+
+
+async def transcript(stack: Stack, user: str, register: bool) -> list[bytes]:
+    """Every line Dovecot (through the relay, or not) sends `user` for one script that
+    touches what the relay looks at: a refused and an accepted synchronizing literal,
+    pipelining, IDLE (where the relay steps out), then large literals and LOGOUT. Only
+    the timings and UIDVALIDITY (which differ from run to run) are blanked."""
+    client = await stack.iphone(user)
+    if register:
+        await client.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])
+    lines: list[bytes] = []
+
+    async def run(data: bytes, until: bytes) -> None:
+        """Send `data`, then read up to a line that matches `until`."""
+        await client.send_raw(data)
+        while not re.match(until, line := await client.read_response()):
+            lines.append(line)
+        lines.append(line)
+
+    small = b"Subject: small\r\n\r\n" + b"x1 XAPPLEPUSHSERVICE\r\n" * 20_000
+    large = big_message(3 * 1024 * 1024)
+    until_idle = [
+        (b"s1 SELECT INBOX\r\n", b"s1 "),
+        (b"a1 APPEND NoSuchBox {20}\r\n", b"a1 "),
+        (b"a2 APPEND INBOX {%d}\r\n" % len(small), rb"\+"),
+        (small + b"\r\n", b"a2 "),
+        (b"p1 NOOP\r\np2 STATUS INBOX (MESSAGES)\r\np3 FETCH 1 BODY.PEEK[]\r\n", b"p3 "),
+        (b"i1 IDLE\r\n", rb"\+"),
+    ]
+    after_idle = [
+        (b"DONE\r\n", b"i1 "),
+        (b"a3 APPEND INBOX {%d}\r\n" % len(large), rb"\+"),
+        (large + b"\r\n", b"a3 "),
+        (b"f1 FETCH 1:* (FLAGS BODY.PEEK[])\r\n", b"f1 "),
+        (b"a4 APPEND NoSuchBox {20}\r\n", b"a4 "),
+        (b"l1 LOGOUT\r\n", b"l1 "),
+    ]
+    for data, until in until_idle:
+        await run(data, until)
+    other = await stack.iphone(user)
+    assert (await other.append("INBOX", b"Subject: while idle\r\n\r\nhi\r\n")).ok
+    await other.logout()
+    await run(b"", rb"\* \d+ EXISTS")
+    for data, until in after_idle:
+        await run(data, until)
+    with pytest.raises(EOFError):
+        await client.read_response()
+    await client.aclose()
+    return [UIDVALIDITY.sub(b"UIDVALIDITY", TIMINGS.sub(b"", line)) for line in lines]
+
+
+async def test_relayed_sessions_are_byte_for_byte_what_dovecot_sends(test_pki, dovecot_version):
+    async with alice_relayed_bob_not(test_pki, dovecot_version) as stack:
+        # alice is relayed (scanned to IDLE; then stepped out from the start by
+        # registering), bob is not: the same script, the same answers.
+        for register in (False, True):
+            relayed = await transcript(stack, "alice", register)
+            direct = await transcript(stack, "bob", register)
+            assert relayed == direct
+        assert [d.username for d in await devices(stack)] == ["alice"]
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def bomb(size: int) -> bytes:
+    """A raw deflate stream of a NOOP line with `size` NUL bytes: about 1000x smaller."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = bytes(1024 * 1024)
+    parts = [compressor.compress(b"a NOOP ")]
+    parts += [compressor.compress(block) for _ in range(size // len(block))]
+    return b"".join(parts) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+def pass_through(pair: tuple[socket.socket, socket.socket], data: bytes, answer: bytes) -> bytes:
+    """Send `data` at the client's end; return what arrives at Dovecot's end once `answer`
+    (sent from Dovecot's end when it has all) reached the client."""
+    client, server = pair
+    received = bytearray()
+    server.settimeout(10)
+    with ThreadPoolExecutor(1) as sender:
+        sent = sender.submit(client.sendall, data)
+        while len(received) < len(data) and (chunk := server.recv(1 << 20)):
+            received += chunk
+        sent.result()
+    server.sendall(answer)
+    client.settimeout(5)
+    assert client.recv(len(answer)) == answer
+    return bytes(received)
+
+
+async def test_memory_stays_bounded_whatever_the_client_sends(test_pki):
+    async with run_stack(test_pki, version=None) as stack:
+        pid = stack.service.process.pid
+        relay_socket = stack.settings["relay_socket"]
+
+        def attack() -> int:
+            with contextlib.ExitStack() as ends:
+                sessions = [hand_over(relay_socket) for _ in range(4)]
+                for pair in sessions:
+                    ends.enter_context(pair[0])
+                    ends.enter_context(pair[1])
+                warm, compressed, line, literal = sessions
+                assert relays(warm)
+                before = rss(pid)
+                # A COMPRESS stream that inflates 1000x: 400 KB sent, 400 MB inside.
+                assert pass_through(compressed, b"c COMPRESS DEFLATE\r\n", b"c OK Begin.\r\n")
+                payload = bomb(400 * 1024 * 1024)
+                assert len(payload) < 500 * 1024
+                assert pass_through(compressed, payload, b"x\r\n") == payload
+                # A 32 MB line, and a 32 MB literal, before any registration.
+                data = b"l1 NOOP " + b"x" * (32 * 1024 * 1024)
+                assert pass_through(line, data, b"x\r\n") == data
+                head = b"a1 APPEND INBOX {%d}\r\n" % (32 * 1024 * 1024)
+                assert pass_through(literal, head, b"+ OK\r\n") == head
+                data = b"y" * (32 * 1024 * 1024)
+                assert pass_through(literal, data, b"a1 OK\r\n") == data
+                return rss(pid) - before
+
+        grown = await trio.to_thread.run_sync(attack)
+        # Before the relay stepped out of COMPRESS this grew by about 186 MB.
+        assert grown < 8 * 1024 * 1024, grown
 
 
 async def test_only_allowed_users_may_hand_connections_to_the_relay(test_pki, dovecot_version):
@@ -324,12 +514,7 @@ async def test_only_allowed_users_may_hand_connections_to_the_relay(test_pki, do
 
 
 async def test_relay_only_field_leaves_other_users_to_dovecot(test_pki, dovecot_version):
-    async with run_stack(
-        test_pki,
-        {"relay_only_field": "push"},
-        version=dovecot_version,
-        userdb_fields={"alice": {"push": "yes"}},
-    ) as stack:
+    async with alice_relayed_bob_not(test_pki, dovecot_version) as stack:
         alice = await stack.iphone("alice")
         assert (await alice.xapplepushservice(ACCOUNT, TOKEN, ["INBOX"])).ok
         bob = await stack.iphone("bob")
@@ -368,3 +553,4 @@ async def test_out_of_descriptors_the_relay_pauses_and_sessions_go_on(test_pki, 
         await phone.logout()
         for end in held:
             end.close()
+        assert "Traceback" not in stack.service.log_text()

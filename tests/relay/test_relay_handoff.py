@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from dovenotify.core.sockets import unix_listener
 from dovenotify.dovecot.postlogin import hello_line
 from dovenotify.relay import server as relay
+from dovenotify.relay.handoff import parse_hello
 from tests.harness.handoff import relays
 
 names = st.text(st.characters(blacklist_categories=["Cs"]), max_size=20)
@@ -78,7 +79,7 @@ async def handshake(path: Path, hello: bytes, descriptors: int, go: bytes) -> No
     it, take the session if and only if it was the real thing, and otherwise close
     every descriptor it was given."""
     try:
-        relay.parse_hello(hello)
+        parse_hello(hello)
         welcome = descriptors == 2
     except ValueError:
         welcome = False

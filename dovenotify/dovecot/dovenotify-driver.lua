@@ -1,4 +1,9 @@
--- dovenotify: Dovecot push_notification Lua driver (Dovecot 2.3 and 2.4).
+-- dovenotify: the push_notification Lua driver's code (Dovecot 2.3 and 2.4).
+--
+-- dovenotify.lua, the script Dovecot is configured with, loads this chunk at
+-- the first transaction of a mail user (from dovenotify-driver.luac, this file
+-- precompiled on the machine, or from this file) and calls the functions it
+-- returns. The chunk gets script_init's argument: on 2.4 the lua_settings.
 --
 -- Sends one line per distinct event of a mail transaction to the dovenotify
 -- service over a unix stream socket:
@@ -12,10 +17,9 @@
 -- This runs inside Dovecot's imap/lmtp/lda processes, synchronously, as the
 -- mail uid. So: never raise into Dovecot, never wait longer than the timeout.
 --
--- Dovecot compiles this file into a fresh Lua state for every LMTP delivery
--- (and once more per LMTP connection), and compiling is about half of what
--- the script costs a delivery. So code a delivery does not run is kept in strings,
--- which are only scanned, and compiled where it is first needed (see `lazy`).
+-- Dovecot makes a fresh Lua state for every mail user (every LMTP delivery).
+-- Code a delivery does not run is kept in strings and compiled where it is
+-- first needed (see `lazy`): that keeps the source fallback cheap too.
 --
 -- Settings (2.3: plugin { ... }; 2.4: push_notification lua { lua_settings { ... } }):
 --   dovenotify_socket      event socket path   (default /run/dovenotify/events.sock)
@@ -25,8 +29,9 @@
 --                          (default /var/lib/dovenotify/events.spool); dovenotify
 --                          creates it writable for us and pushes for them when back
 
--- Per Lua state (one per mail user in a process): set by script_init on 2.4,
--- on the first transaction on 2.3 where settings come from the user.
+local args = ...
+-- Per Lua state: from args on 2.4, on the first transaction on 2.3 where
+-- settings come from the user.
 local settings
 -- lua-socket's unix module, loaded on the first send.
 local unix
@@ -82,7 +87,7 @@ local CHUNKS = {
 local function lazy(name, ...)
   local chunk = CHUNKS[name]
   if type(chunk) == "string" then
-    chunk = assert(load(chunk, "=dovenotify.lua:" .. name))
+    chunk = assert(load(chunk, "=dovenotify-driver.lua:" .. name))
     CHUNKS[name] = chunk
   end
   return chunk(...)
@@ -106,13 +111,9 @@ local function make_settings(get)
   }
 end
 
--- 2.3 calls script_init() without arguments and insists on an integer 0;
--- 2.4 passes lua_settings as a table and ignores the result.
-function script_init(args)
-  if type(args) == "table" then
-    settings = make_settings(function(name) return args[name] end)
-  end
-  return 0
+-- 2.3 calls script_init() without arguments; 2.4 passes lua_settings as a table.
+if type(args) == "table" then
+  settings = make_settings(function(name) return args[name] end)
 end
 
 local ESCAPES = { ["%"] = "%25", ["\t"] = "%09", ["\r"] = "%0D", ["\n"] = "%0A" }
@@ -121,7 +122,11 @@ local function escape(text)
   return (string.gsub(tostring(text or ""), "[%%\t\r\n]", ESCAPES))
 end
 
-function dovecot_lua_notify_begin_txn(user)
+-- The driver's functions, under the names of Dovecot's hooks without their
+-- dovecot_lua_notify_ prefix: dovenotify.lua forwards each hook to its own.
+local driver = {}
+
+function driver.begin_txn(user)
   settings = settings or make_settings(function(name)
     return user.plugin_getenv and user:plugin_getenv(name)
   end)
@@ -152,19 +157,19 @@ local function hook(name)
     add(ctx, name, event.mailbox)
   end
 end
-dovecot_lua_notify_event_message_new = hook("MessageNew")
-dovecot_lua_notify_event_message_append = hook("MessageAppend")
-dovecot_lua_notify_event_message_expunge = hook("MessageExpunge")
-dovecot_lua_notify_event_flags_set = hook("FlagsSet")
-dovecot_lua_notify_event_mailbox_delete = hook("MailboxDelete")
+driver.event_message_new = hook("MessageNew")
+driver.event_message_append = hook("MessageAppend")
+driver.event_message_expunge = hook("MessageExpunge")
+driver.event_flags_set = hook("FlagsSet")
+driver.event_mailbox_delete = hook("MailboxDelete")
 
-function dovecot_lua_notify_event_flags_clear(ctx, event)
+function driver.event_flags_clear(ctx, event)
   if lazy("visible_flags_cleared", event) then
     add(ctx, "FlagsClear", event.mailbox)
   end
 end
 
-function dovecot_lua_notify_event_mailbox_rename(ctx, event)
+function driver.event_mailbox_rename(ctx, event)
   add(ctx, "MailboxRename", event.mailbox, event.mailbox_old or "")
 end
 
@@ -213,7 +218,7 @@ local function send(data)
   return err or nil
 end
 
-function dovecot_lua_notify_end_txn(ctx, success)
+function driver.end_txn(ctx, success)
   if not success or #ctx.lines == 0 then
     return
   end
@@ -223,3 +228,5 @@ function dovecot_lua_notify_end_txn(ctx, success)
     pcall(lazy, "keep", data, #ctx.lines, settings, tostring(err))
   end
 end
+
+return driver

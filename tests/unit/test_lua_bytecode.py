@@ -1,0 +1,94 @@
+"""Precompiling the Lua driver: finding Dovecot's Lua, compiling, and what install leaves."""
+
+from __future__ import annotations
+
+import ctypes.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+import dovenotify
+from dovenotify.lua_bytecode import (
+    BYTECODE,
+    BytecodeError,
+    compile_chunks,
+    dovecot_lua_library,
+    install_bytecode,
+)
+
+SOURCES = Path(dovenotify.__file__).parent / "dovecot"
+HOST_LUA = "liblua5.4.so.0"
+needs_lua = pytest.mark.skipif(
+    ctypes.util.find_library("lua5.4") is None, reason="needs liblua5.4 (Dovecot's Lua on Debian)"
+)
+
+
+def glue(tmp_path: Path, content: bytes) -> Path:
+    path = tmp_path / "libdovecot-lua.so.0"
+    path.write_bytes(content)
+    return path
+
+
+def test_the_lua_library_is_the_one_dovecot_names(tmp_path):
+    # What a DT_NEEDED entry looks like in the glue library's string table.
+    path = glue(tmp_path, b"\x7fELF...\0libdovecot.so.0\0liblua5.4.so.0\0libc.so.6\0")
+    assert dovecot_lua_library([tmp_path / "absent.so", path]) == "liblua5.4.so.0"
+
+
+def test_luajit_is_found_too(tmp_path):
+    path = glue(tmp_path, b"\0libluajit-5.1.so.2\0libc.so.6\0")
+    assert dovecot_lua_library([path]) == "libluajit-5.1.so.2"
+
+
+def test_without_dovecot_lua_the_reason_says_so(tmp_path):
+    with pytest.raises(BytecodeError, match=r"Dovecot's Lua support .* is not installed"):
+        dovecot_lua_library([tmp_path / "absent.so"])
+    path = glue(tmp_path, b"\0libdovecot.so.0\0libc.so.6\0")
+    with pytest.raises(BytecodeError, match=r"names no Lua library"):
+        dovecot_lua_library([path])
+
+
+def test_a_library_that_does_not_load_is_named(tmp_path):
+    with pytest.raises(BytecodeError, match=r"cannot load liblua9\.9\.so\.0"):
+        compile_chunks("liblua9.9.so.0", [("x.lua", b"return 1")])
+
+
+@needs_lua
+def test_a_syntax_error_names_the_file_and_line():
+    with pytest.raises(BytecodeError, match=r"cannot compile broken\.lua: broken\.lua:2: "):
+        compile_chunks(HOST_LUA, [("broken.lua", b"local a = 1\nlocal = 2\n")])
+
+
+@needs_lua
+def test_chunks_are_lua_bytecode_without_debug_information():
+    first, second = compile_chunks(HOST_LUA, [("a.lua", b"return 1"), ("b.lua", b"return 2")])
+    assert first.startswith(b"\x1bLua\x54") and second.startswith(b"\x1bLua\x54")
+    assert first != second
+    assert b"a.lua" not in first  # stripped, as string.dump(f, true)
+
+
+@needs_lua
+def test_install_writes_the_forwarder_then_the_driver(tmp_path):
+    for name in ("dovenotify.lua", "dovenotify-driver.lua"):
+        shutil.copyfile(SOURCES / name, tmp_path / name)
+    assert install_bytecode(tmp_path, HOST_LUA) is None
+    forwarder, driver = compile_chunks(
+        HOST_LUA,
+        [
+            (name, (SOURCES / name).read_bytes())
+            for name in ("dovenotify.lua", "dovenotify-driver.lua")
+        ],
+    )
+    assert (tmp_path / BYTECODE).read_bytes() == forwarder + driver
+    assert (tmp_path / BYTECODE).stat().st_mode & 0o777 == 0o644
+
+
+def test_failed_install_removes_older_bytecode(tmp_path):
+    # Bytecode of an older driver must not run in place of the new source.
+    for name in ("dovenotify.lua", "dovenotify-driver.lua"):
+        shutil.copyfile(SOURCES / name, tmp_path / name)
+    (tmp_path / BYTECODE).write_bytes(b"\x1bLua old driver")
+    reason = install_bytecode(tmp_path, "liblua9.9.so.0")
+    assert reason is not None and "liblua9.9.so.0" in reason
+    assert not (tmp_path / BYTECODE).exists()

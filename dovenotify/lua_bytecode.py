@@ -1,15 +1,15 @@
 """Precompile the Lua driver with the very Lua library this machine's Dovecot links.
 
-Dovecot compiles its push_notification script for every mail user, twice per
-LMTP delivery; compiling the driver's code was most of what it cost a delivery.
-So dovenotify.lua is a small forwarder, and the driver's code is loaded as
-bytecode. Lua bytecode runs only on the Lua that made it (Debian 12 and 13 ship
-different Lua 5.4 releases), so it is made here, on the machine, by the library
-libdovecot-lua names, called through ctypes: no Lua interpreter is needed.
+Dovecot compiles its push_notification script into a fresh Lua state for every
+mail user (every LMTP delivery), and compiling code was most of what the script
+cost a delivery. So dovenotify.lua is a small forwarder, and the driver's code
+is loaded as bytecode. Lua bytecode is meant for the Lua that made it (Debian 12
+and 13 ship different Lua 5.4 releases), so it is made here, on the machine, by
+the library libdovecot-lua names, called through ctypes: no Lua interpreter is
+needed.
 
-The output is the forwarder's own bytecode followed by the driver's: the
-forwarder compares the first part with its own `string.dump` and falls back to
-the source when they differ (see dovenotify/dovecot/dovenotify.lua).
+Lua checks a chunk's version and number formats when it loads it: bytecode of
+another Lua is refused, and dovenotify.lua then loads the source.
 """
 
 from __future__ import annotations
@@ -69,8 +69,6 @@ def _api(library: str) -> ctypes.CDLL:
     lua.lua_tolstring.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lua.lua_dump.restype = ctypes.c_int
     lua.lua_dump.argtypes = [ctypes.c_void_p, _WRITER, ctypes.c_void_p, ctypes.c_int]
-    lua.lua_settop.restype = None
-    lua.lua_settop.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lua.lua_close.restype = None
     lua.lua_close.argtypes = [ctypes.c_void_p]
     return lua
@@ -87,51 +85,36 @@ def _dump(lua: ctypes.CDLL, state: int) -> bytes | None:
     return None if lua.lua_dump(state, _WRITER(write), None, 1) else b"".join(parts)
 
 
-def compile_chunks(library: str, sources: Iterable[tuple[str, bytes]]) -> list[bytes]:
-    """Each (name, source) compiled by `library` and dumped stripped, as string.dump(f, true)."""
+def compile_chunk(library: str, name: str, source: bytes) -> bytes:
+    """`source` compiled by `library`, dumped as string.dump(f, true) dumps it."""
     lua = _api(library)
     state = lua.luaL_newstate()
     if not state:
         raise BytecodeError(f"{library}: cannot create a Lua state (out of memory)")
     try:
-        dumps = []
-        for name, source in sources:
-            # Mode "t": only source text is compiled, never bytecode handed in.
-            if lua.luaL_loadbufferx(state, source, len(source), f"={name}".encode(), b"t"):
-                message = (lua.lua_tolstring(state, -1, None) or b"?").decode(errors="replace")
-                raise BytecodeError(f"{library} cannot compile {name}: {message}")
-            dump = _dump(lua, state)
-            if dump is None:
-                raise BytecodeError(f"{library} cannot dump {name}")
-            lua.lua_settop(state, 0)
-            dumps.append(dump)
-        return dumps
+        # Mode "t": only source text is compiled, never bytecode handed in.
+        if lua.luaL_loadbufferx(state, source, len(source), f"={name}".encode(), b"t"):
+            message = (lua.lua_tolstring(state, -1, None) or b"?").decode(errors="replace")
+            raise BytecodeError(f"{library} cannot compile {name}: {message}")
+        dump = _dump(lua, state)
+        if dump is None:
+            raise BytecodeError(f"{library} cannot dump {name}")
+        return dump
     finally:
         lua.lua_close(state)
 
 
-def precompile_driver(forwarder: Path, driver: Path, library: str | None = None) -> bytes:
-    """The contents of dovenotify-driver.luac: the forwarder's bytecode, then the driver's."""
-    library = library or dovecot_lua_library()
-    return b"".join(
-        compile_chunks(
-            library,
-            [(forwarder.name, forwarder.read_bytes()), (driver.name, driver.read_bytes())],
-        )
-    )
-
-
-BYTECODE = "dovenotify-driver.luac"
+DRIVER = "dovenotify-driver.lua"
+BYTECODE = DRIVER + "c"
 
 
 def install_bytecode(directory: Path, library: str | None = None) -> str | None:
     """Precompile the driver installed in `directory`; None, or why it is not precompiled."""
     target = directory / BYTECODE
     try:
-        data = precompile_driver(
-            directory / "dovenotify.lua", directory / "dovenotify-driver.lua", library
-        )
-    except BytecodeError as e:
+        source = (directory / DRIVER).read_bytes()
+        data = compile_chunk(library or dovecot_lua_library(), DRIVER, source)
+    except (BytecodeError, OSError) as e:
         # Bytecode of an older driver would otherwise be loaded in place of the new source.
         target.unlink(missing_ok=True)
         return str(e)

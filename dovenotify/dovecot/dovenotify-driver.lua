@@ -2,8 +2,10 @@
 --
 -- dovenotify.lua, the script Dovecot is configured with, loads this chunk at
 -- the first transaction of a mail user (from dovenotify-driver.luac, this file
--- precompiled on the machine, or from this file) and calls the functions it
--- returns. The chunk gets script_init's argument: on 2.4 the lua_settings.
+-- precompiled on the machine, or from this file) and forwards each hook to the
+-- function of the same name it returns. The chunk gets script_init's argument:
+-- on 2.4 the lua_settings. After editing this file, run `dovenotify
+-- dovecot-config --install` (or delete the .luac): the bytecode is used first.
 --
 -- Sends one line per distinct event of a mail transaction to the dovenotify
 -- service over a unix stream socket:
@@ -19,7 +21,8 @@
 --
 -- Dovecot makes a fresh Lua state for every mail user (every LMTP delivery).
 -- Code a delivery does not run is kept in strings and compiled where it is
--- first needed (see `lazy`): that keeps the source fallback cheap too.
+-- first needed (see `lazy`): that keeps the bytecode small and the source
+-- fallback cheap.
 --
 -- Settings (2.3: plugin { ... }; 2.4: push_notification lua { lua_settings { ... } }):
 --   dovenotify_socket      event socket path   (default /run/dovenotify/events.sock)

@@ -1,14 +1,17 @@
 -- dovenotify: Dovecot push_notification Lua driver (Dovecot 2.3 and 2.4).
 -- What it sends, and its settings: dovenotify-driver.lua beside this file.
 --
--- Dovecot compiles this file for every mail user it creates, twice per LMTP
--- delivery, and compiling code was most of what the driver cost a delivery
--- (comments and strings cost next to nothing). So this file only forwards the
--- hooks to the driver, loaded at a user's first transaction: from
--- dovenotify-driver.luac, precompiled on this machine by `dovenotify
--- dovecot-config --install`, or else from dovenotify-driver.lua.
+-- Dovecot compiles this file into a fresh Lua state for every mail user (every
+-- LMTP delivery), and compiling code is most of what a script costs a delivery;
+-- comments and strings cost next to nothing. So this file only forwards the
+-- hooks to the driver, loaded at a user's first transaction from
+-- dovenotify-driver.luac, the driver precompiled on this machine by `dovenotify
+-- dovecot-config --install`, or else from dovenotify-driver.lua. Lua refuses
+-- bytecode of another Lua version or number format (after an upgrade: run
+-- --install again); then the source is used, with a warning.
 
-local this, args, driver = debug.getinfo(1, "fS"), nil, nil
+local path = string.match(debug.getinfo(1, "S").source, "^@(.*)%.lua$") .. "-driver.lua"
+local args, driver
 
 -- 2.3 calls script_init() without arguments and insists on an integer 0;
 -- 2.4 passes lua_settings as a table and ignores the result.
@@ -17,32 +20,17 @@ function script_init(settings)
   return 0
 end
 
--- Bytecode runs only on the Lua that made it. Lua checks its own version and
--- number formats; the installer puts this file, compiled by the Lua it used,
--- in front of the driver's bytecode, so a Lua that compiles code differently
--- (an upgrade) does not match, and the source is used. Kept as text, like
--- the comments: compiled only where a transaction needs the driver.
-local LOAD_DRIVER = [[
-  local this, args = ...
-  local path = string.match(this.source, "^@(.*)%.lua$") .. "-driver.lua"
-  local file, chunk, err = io.open(path .. "c", "rb"), nil, "compiled by another Lua"
-  if file then
-    local data, mine = file:read("a") or "", string.dump(this.func, true)
-    file:close()
-    if string.sub(data, 1, #mine) == mine then
-      chunk, err = load(string.sub(data, #mine + 1), "=" .. path .. "c", "b")
-    end
-    if not chunk then
-      dovecot.i_warning("dovenotify: " .. path .. "c does not load (" .. tostring(err)
-        .. "); using the source instead, which is slower: "
-        .. "run `dovenotify dovecot-config --install` again")
-    end
+local function load_driver()
+  local chunk, err = loadfile(path .. "c", "b")
+  if not chunk and not string.find(err, "^cannot open") then
+    dovecot.i_warning(string.format("dovenotify: %s does not load (%s); using the source "
+      .. "instead, which is slower: run `dovenotify dovecot-config --install` again", path .. "c", err))
   end
   return (chunk or assert(loadfile(path, "t")))(args)
-]]
+end
 
 function dovecot_lua_notify_begin_txn(user)
-  driver = driver or assert(load(LOAD_DRIVER, "=dovenotify.lua:LOAD_DRIVER"))(this, args)
+  driver = driver or load_driver()
   return driver.begin_txn(user)
 end
 

@@ -11,8 +11,9 @@ import pytest
 import dovenotify
 from dovenotify.lua_bytecode import (
     BYTECODE,
+    DRIVER,
     BytecodeError,
-    compile_chunks,
+    compile_chunk,
     dovecot_lua_library,
     install_bytecode,
 )
@@ -49,45 +50,39 @@ def test_without_dovecot_lua_the_reason_says_so(tmp_path):
         dovecot_lua_library([path])
 
 
-def test_a_library_that_does_not_load_is_named(tmp_path):
+DRIVER_SOURCE = (SOURCES / DRIVER).read_bytes()
+
+
+def test_a_library_that_does_not_load_is_named():
     with pytest.raises(BytecodeError, match=r"cannot load liblua9\.9\.so\.0"):
-        compile_chunks("liblua9.9.so.0", [("x.lua", b"return 1")])
+        compile_chunk("liblua9.9.so.0", DRIVER, DRIVER_SOURCE)
 
 
 @needs_lua
 def test_a_syntax_error_names_the_file_and_line():
-    with pytest.raises(BytecodeError, match=r"cannot compile broken\.lua: broken\.lua:2: "):
-        compile_chunks(HOST_LUA, [("broken.lua", b"local a = 1\nlocal = 2\n")])
+    with pytest.raises(BytecodeError, match=r"cannot compile x\.lua: x\.lua:2: "):
+        compile_chunk(HOST_LUA, "x.lua", b"local a = 1\nlocal = 2\n")
 
 
 @needs_lua
-def test_chunks_are_lua_bytecode_without_debug_information():
-    first, second = compile_chunks(HOST_LUA, [("a.lua", b"return 1"), ("b.lua", b"return 2")])
-    assert first.startswith(b"\x1bLua\x54") and second.startswith(b"\x1bLua\x54")
-    assert first != second
-    assert b"a.lua" not in first  # stripped, as string.dump(f, true)
+def test_the_driver_is_lua_bytecode_without_debug_information():
+    bytecode = compile_chunk(HOST_LUA, DRIVER, DRIVER_SOURCE)
+    assert bytecode.startswith(b"\x1bLua\x54")
+    # Stripped, as string.dump(f, true): no local names.
+    assert b"make_settings" not in bytecode
 
 
 @needs_lua
-def test_install_writes_the_forwarder_then_the_driver(tmp_path):
-    for name in ("dovenotify.lua", "dovenotify-driver.lua"):
-        shutil.copyfile(SOURCES / name, tmp_path / name)
+def test_install_writes_the_driver_bytecode(tmp_path):
+    shutil.copyfile(SOURCES / DRIVER, tmp_path / DRIVER)
     assert install_bytecode(tmp_path, HOST_LUA) is None
-    forwarder, driver = compile_chunks(
-        HOST_LUA,
-        [
-            (name, (SOURCES / name).read_bytes())
-            for name in ("dovenotify.lua", "dovenotify-driver.lua")
-        ],
-    )
-    assert (tmp_path / BYTECODE).read_bytes() == forwarder + driver
+    assert (tmp_path / BYTECODE).read_bytes() == compile_chunk(HOST_LUA, DRIVER, DRIVER_SOURCE)
     assert (tmp_path / BYTECODE).stat().st_mode & 0o777 == 0o644
 
 
 def test_failed_install_removes_older_bytecode(tmp_path):
     # Bytecode of an older driver must not run in place of the new source.
-    for name in ("dovenotify.lua", "dovenotify-driver.lua"):
-        shutil.copyfile(SOURCES / name, tmp_path / name)
+    shutil.copyfile(SOURCES / DRIVER, tmp_path / DRIVER)
     (tmp_path / BYTECODE).write_bytes(b"\x1bLua old driver")
     reason = install_bytecode(tmp_path, "liblua9.9.so.0")
     assert reason is not None and "liblua9.9.so.0" in reason

@@ -18,6 +18,10 @@ and no user always comes first. The ratios are medians of the ratios within
 each round. The target: the script adds at most 0.03 to the ratio of the hooks
 that do nothing, which is what the C plugin costs (issue #15).
 
+Beside each time: the CPU the lmtp process spent on the whole transaction
+(/proc/PID/schedstat, in ns), and its ratio in the same way. On a machine busy
+with other work the times swing by ±0.1 between runs; the CPU figures much less.
+
 `--compare NAME=PATH` adds another driver script to the rounds, e.g. the
 script of an earlier commit, so a change is measured before and after in the
 same run. Dovecot's mail user must be able to read it where it is, and

@@ -3,6 +3,11 @@
 A mail push carries no content, so two pending pushes to one device are worth
 exactly one. That bounds memory by the number of devices, however many events
 arrive while APNs is unreachable.
+
+After an outage, each waiting push has grown its own backoff (up to minutes),
+and new mail does not cut it short. So while pushes wait only because APNs as a
+whole failed, one of them at a time goes early as a probe, at the outage's pace
+rather than the device's: its normal answer lets all the others go (`resume`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,19 @@ from .store import Registration
 DeviceKey = tuple[str, str, str]
 
 
+def backoff(failures: int, cap: float, jitter: Callable[[], float]) -> float:
+    """Doubling from one second up to `cap`, times 0.5 to 1.5 so retries spread out."""
+    return min(cap, 2.0 ** min(failures, 16)) * (0.5 + jitter())
+
+
 @attrs.define
 class Outbox:
     retry_deadline: float = 3600.0
     max_backoff: float = 300.0
+    # The longest wait between probes while APNs as a whole fails, so pushes flow
+    # again within this long after it recovers. Jitter never takes a wait past it,
+    # unlike the backoffs': one request at a time is no burst worth spreading.
+    probe_interval: float = 60.0
     jitter: Callable[[], float] = random.random
     _ready: dict[DeviceKey, Registration] = attrs.field(factory=dict)
     _in_flight: dict[DeviceKey, bool] = attrs.field(factory=dict)  # key -> push again after
@@ -28,6 +42,11 @@ class Outbox:
     _failures: dict[DeviceKey, tuple[int, float]] = attrs.field(factory=dict)
     # Waiting because APNs as a whole failed (not because of the device).
     _shared: set[DeviceKey] = attrs.field(factory=set)
+    # The probe in flight, and when its push was due had it not been taken early.
+    _probe: tuple[DeviceKey, float] | None = None
+    # The outage's own backoff, grown once per failure the probe pace allows.
+    _probe_at: float = 0.0
+    _outage_failures: int = 0
 
     def submit(self, registration: Registration) -> None:
         key = registration.key
@@ -47,13 +66,30 @@ class Outbox:
         for key in [k for k, (_, at) in self._waiting.items() if at <= now]:
             self._ready[key] = self._waiting.pop(key)[0]
         if not self._ready:
-            return None
+            return self._take_probe(now)
         key = next(iter(self._ready))
         self._in_flight[key] = False
         return self._ready.pop(key)
 
+    def _take_probe(self, now: float) -> Registration | None:
+        # Only when nothing asks APNs: any answer under way tells as much.
+        if self._in_flight or now < self._probe_at:
+            return None
+        key = min(
+            (k for k in self._shared if k in self._waiting),
+            key=lambda k: self._waiting[k][1],
+            default=None,
+        )
+        if key is None:
+            return None
+        registration, due = self._waiting.pop(key)
+        self._probe = (key, due)
+        self._in_flight[key] = False
+        return registration
+
     def delivered(self, registration: Registration) -> None:
         """Sent, or given up for good: either way this push is finished."""
+        self._end_probe(registration.key)
         self._failures.pop(registration.key, None)
         self._shared.discard(registration.key)
         if self._in_flight.pop(registration.key, False):
@@ -66,8 +102,10 @@ class Outbox:
         need not wait out its backoff once APNs is back (`resume`).
         """
         key = registration.key
+        probe = self._end_probe(key)
         if shared:
             self._shared.add(key)
+            self._outage_failed(now)
         else:
             self._shared.discard(key)
         again = self._in_flight.pop(key, False)
@@ -78,14 +116,36 @@ class Outbox:
             if again:
                 self._ready[key] = registration
             return False
-        backoff = min(self.max_backoff, 2.0 ** min(attempts, 16)) * (0.5 + self.jitter())
+        if probe is not None and shared:
+            # The outage's failure, not the device's: its own retry stays as it was.
+            self._waiting[key] = (registration, probe)
+            return True
+        wait = backoff(attempts, self.max_backoff, self.jitter)
         self._failures[key] = (attempts + 1, first)
-        self._waiting[key] = (registration, now + backoff)
+        self._waiting[key] = (registration, now + wait)
         return True
+
+    def _outage_failed(self, now: float) -> None:
+        # Pushes sent together fail together: one failure of the outage, as at the gate.
+        if now < self._probe_at:
+            return
+        wait = min(
+            self.probe_interval, backoff(self._outage_failures, self.probe_interval, self.jitter)
+        )
+        self._outage_failures += 1
+        self._probe_at = now + wait
+
+    def _end_probe(self, key: DeviceKey) -> float | None:
+        """When the push was due, if `key` was the probe."""
+        if self._probe is None or self._probe[0] != key:
+            return None
+        due, self._probe = self._probe[1], None
+        return due
 
     def hold(self, registration: Registration) -> None:
         """Not sent, through no fault of the device (sending is paused): ready again."""
         key = registration.key
+        self._end_probe(key)
         self._in_flight.pop(key, None)
         self._ready[key] = registration
 
@@ -95,10 +155,15 @@ class Outbox:
         for key in keys:
             self._ready[key] = self._waiting.pop(key)[0]
         self._shared.clear()
+        self._outage_failures, self._probe_at = 0, 0.0
         return len(keys)
 
     def next_retry(self) -> float | None:
-        return min((at for _, at in self._waiting.values()), default=None)
+        """When `take` may next have something, if nothing else happens before."""
+        retry = min((at for _, at in self._waiting.values()), default=None)
+        if not self._in_flight and any(k in self._waiting for k in self._shared):
+            retry = min(retry, self._probe_at) if retry is not None else self._probe_at
+        return retry
 
     def __len__(self) -> int:
         return len(self._ready) + len(self._in_flight) + len(self._waiting)
@@ -142,9 +207,8 @@ class Gate:
         # Pushes in flight when the connection broke all fail together: one failure.
         if now < self._opens_at:
             return
-        backoff = min(self.max_backoff, 2.0 ** min(self._failures, 16)) * (0.5 + self.jitter())
+        self._opens_at = now + backoff(self._failures, self.max_backoff, self.jitter)
         self._failures += 1
-        self._opens_at = now + backoff
 
     def trouble(self, kind: str, now: float) -> bool:
         """A failure worth retrying; True if this kind is new in this outage (log it)."""

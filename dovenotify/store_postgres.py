@@ -72,6 +72,10 @@ class PostgresStore:
         except psycopg.Error as e:
             self.close()
             raise StoreError(f"{self.where}: cannot open the registration database: {e}") from e
+        except BaseException:
+            # A schema this version does not know: refused, and the connection closed.
+            self.close()
+            raise
 
     def _connect(self) -> psycopg.Connection[Any]:
         if self._db is None or self._db.closed or self._db.broken:

@@ -90,8 +90,8 @@ async def handshake(path: Path, hello: bytes, descriptors: int, go: bytes) -> No
         topic=lambda: "topic", register=register, allowed_uids=frozenset({os.getuid()})
     )
     # Run by the nursery: a relay that dies of the handshake fails the test.
-    async with trio.open_nursery() as nursery:
-        await nursery.start(the_relay.serve, unix_listener(path, 0o600))
+    async with unix_listener(path, 0o600) as listener, trio.open_nursery() as nursery:
+        await nursery.start(the_relay.serve, listener)
         answer, ours = await trio.to_thread.run_sync(helper, path, hello, descriptors, go)
         assert (answer == b"OK\n") == welcome, answer
         if welcome and go == b"GO\n":

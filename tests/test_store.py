@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -139,7 +140,7 @@ def _set_newer_schema(database: str) -> Callable[[], None]:
     else:
 
         def newer() -> None:
-            with sqlite3.connect(database) as db:
+            with contextlib.closing(sqlite3.connect(database)) as db, db:
                 db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
 
     return newer

@@ -146,23 +146,24 @@ async def test_supervisord_restarts_serve_under_the_relays_sessions(
         assert "dovenotify: started" in started and "dovenotify-relay: started" in started
         relay_pid = await program_pid(conf, "dovenotify-relay")
         session = hand_over(settings["relay_socket"])
-        assert relays(session)
+        client, server = session
+        with client, server:
+            assert relays(session)
 
-        restarted = await supervisorctl(conf, "restart", "dovenotify")
-        assert "dovenotify: started" in restarted and "relay" not in restarted
-        # The relay program was left alone, and so was the session it holds.
-        assert await program_pid(conf, "dovenotify-relay") == relay_pid
-        assert relays(session)
-        send_event(settings["event_socket"], "MessageNew\talice\tINBOX\tlmtp\n")
-        assert (await apns_standin.next_request()).path == f"/3/device/{TOKEN}"
+            restarted = await supervisorctl(conf, "restart", "dovenotify")
+            assert "dovenotify: started" in restarted and "relay" not in restarted
+            # The relay program was left alone, and so was the session it holds.
+            assert await program_pid(conf, "dovenotify-relay") == relay_pid
+            assert relays(session)
+            send_event(settings["event_socket"], "MessageNew\talice\tINBOX\tlmtp\n")
+            assert (await apns_standin.next_request()).path == f"/3/device/{TOKEN}"
 
-        assert "stopped" in await supervisorctl(conf, "stop", "dovenotify-relay")
-        await log.wait_for("stopped: dovenotify-relay (exit status 0)")
-        # Its sessions end with it, and its socket is gone.
-        client, _server = session
-        client.settimeout(5)
-        assert client.recv(64) == b""
-        assert not Path(settings["relay_socket"]).exists()
+            assert "stopped" in await supervisorctl(conf, "stop", "dovenotify-relay")
+            await log.wait_for("stopped: dovenotify-relay (exit status 0)")
+            # Its sessions end with it, and its socket is gone.
+            client.settimeout(5)
+            assert client.recv(64) == b""
+            assert not Path(settings["relay_socket"]).exists()
 
 
 async def program_pid(conf: Path, name: str) -> int:

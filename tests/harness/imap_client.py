@@ -68,11 +68,15 @@ class ImapClient:
     ) -> ImapClient:
         """Connect (TLS when `ssl_context` is given) and read the greeting."""
         stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        if ssl_context is not None:
-            stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname)
-            await stream.do_handshake()
-        client = cls(stream)
-        client.greeting = await client.read_response()
+        try:
+            if ssl_context is not None:
+                stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname)
+                await stream.do_handshake()
+            client = cls(stream)
+            client.greeting = await client.read_response()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
         return client
 
     # --- raw access, for pipelining, IDLE and other tests of the wire -------

@@ -42,6 +42,8 @@ class Stack:
     settings: Mapping[str, Any]
     # `dovenotify relay`, when the settings say relay_process: separate.
     relay: RunningService | None = None
+    # Every phone's connection, closed when the stack stops if the test has not.
+    phones: list[ImapClient] = attrs.field(factory=list)
 
     async def iphone(self, user: str = "alice", password: str = "secret") -> ImapClient:
         """A logged-in IMAP client over TLS, as iOS Mail connects."""
@@ -50,6 +52,7 @@ class Stack:
             self.dovecot.imaps_port,
             ssl_context=self.dovecot.client_ssl_context(),
         )
+        self.phones.append(client)
         reply = await client.login(user, password)
         assert reply.ok, reply
         return client
@@ -139,7 +142,12 @@ async def run_stack(
                         relay = await processes.enter_async_context(
                             run_service(root / "service", settings, command="relay")
                         )
-                    yield Stack(root, dovecot, service, standin, settings, relay)
+                    stack = Stack(root, dovecot, service, standin, settings, relay)
+                    try:
+                        yield stack
+                    finally:
+                        for phone in stack.phones:
+                            await trio.aclose_forcefully(phone.stream)
             finally:
                 # Stopped by PID now; waited for, and `root` removed, as it exits.
                 stop_later(dovecot, root)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -276,7 +277,8 @@ class ApnsSender:
         except _NETWORK_ERRORS as error:
             failure = _refused_certificate(error)
             raise _Unreachable(
-                failure or transport_failure(f"ConnectError: {_describe(error)}")
+                failure
+                or transport_failure(f"ConnectError: {connect_cause(error, link.host, link.port)}")
             ) from error
         finally:
             if tcp is not None and not connected:
@@ -459,6 +461,32 @@ def _refused_certificate(error: BaseException) -> Outcome | None:
                 )
         cause = cause.__cause__ or cause.__context__
     return None
+
+
+def connect_cause(error: BaseException, host: str, port: int) -> str:
+    """Why no connection came up, in words an admin can act on (DNS, refused, TLS).
+
+    Stable for one cause, since the service reports an outage once per cause.
+    """
+    causes: list[BaseException] = []
+    pending: list[BaseException] = [error]
+    while pending:
+        cause = pending.pop()
+        causes.append(cause)
+        if isinstance(cause, BaseExceptionGroup):
+            pending.extend(cause.exceptions)
+        pending.extend(c for c in (cause.__cause__, cause.__context__) if c is not None)
+    for cause in causes:
+        if isinstance(cause, socket.gaierror):
+            return f"DNS lookup of {host} failed ({cause.strerror})"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake with {host} failed ({cause.reason or cause})"
+        if isinstance(cause, ConnectionRefusedError):
+            return f"{host} port {port} refused the connection"
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{host} port {port}: {cause.strerror}"
+    return _describe(error)
 
 
 def _describe(error: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import ssl
 import tempfile
@@ -20,10 +21,12 @@ from pathlib import Path
 import attrs
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
+
+from . import service_files
 
 # No DSA: APNs certificates are RSA or EC, and naming cryptography's DSA class
 # warns on every command since cryptography 51 deprecated it. A DSA key is refused
@@ -74,14 +77,26 @@ class Credentials:
     def expired(self) -> bool:
         return self.is_expired()
 
+    def chain_pem(self) -> bytes:
+        """The certificate, then what came with it, as PEM."""
+        return b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (self.certificate, *self.chain)
+        )
+
+    def pem(self) -> bytes:
+        """Certificate, chain and unencrypted key: one file the service can load."""
+        return self.chain_pem() + private_pem(self.private_key)
+
 
 def load_credentials(
     certificate: Path, key: Path | None = None, password: bytes | None = None
 ) -> Credentials:
     """Load APNs client credentials.
 
-    `certificate` is a PEM file (certificate, optionally with its key and chain) or a
-    PKCS#12 file (.p12/.pfx). `key` is a separate PEM key file. `password` decrypts
+    `certificate` is a PEM file (certificate, optionally with its key and chain), a
+    PKCS#12 file (.p12/.pfx), or a DER certificate (the .cer Apple's developer portal
+    hands out, whose key stayed with whoever made the request: `dovenotify cert
+    request`). `key` is a separate PEM key file. `password` decrypts
     the PKCS#12 file or an encrypted PEM key; PKCS#12 files without a password and
     with an empty one both load with `password=None`.
     """
@@ -89,6 +104,13 @@ def load_credentials(
     data = _read(certificate)
     if b"-----BEGIN" in data:
         leaf, private_key, chain = _load_pem(certificate, data, key, password)
+    elif (der := _der_certificate(data)) is not None:
+        if key is None:
+            raise CertificateError(
+                f"{certificate}: this certificate file holds no key: give the key made with"
+                " the request (`--key`, e.g. the .key file `dovenotify cert request` wrote)"
+            )
+        leaf, private_key, chain = der, _load_pem_key(key, _read(key), password), []
     else:
         leaf, private_key, chain = _load_pkcs12(certificate, data, password)
         if key is not None:
@@ -155,6 +177,43 @@ def _checked(
     return credentials
 
 
+# What Apple grants mail providers today (see README: Certificates).
+MAIL_PUSH_TOPIC_PREFIX = "com.apple.mobilemail.push."
+_REVERSED_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+")
+
+
+def topic_problem(topic: str) -> str | None:
+    """Why `topic` is not one Apple would grant a mail server, or None."""
+    if not topic.startswith(MAIL_PUSH_TOPIC_PREFIX):
+        return (
+            f"{topic!r} does not start with {MAIL_PUSH_TOPIC_PREFIX}: iOS Mail only acts on"
+            f" pushes for {MAIL_PUSH_TOPIC_PREFIX}<your domain reversed>, e.g."
+            f" {MAIL_PUSH_TOPIC_PREFIX}org.example"
+        )
+    if not _REVERSED_DOMAIN.fullmatch(topic.removeprefix(MAIL_PUSH_TOPIC_PREFIX)):
+        return (
+            f"{topic!r} does not end in a reversed domain name (lower case, at least two"
+            f" parts, e.g. {MAIL_PUSH_TOPIC_PREFIX}org.example)"
+        )
+    return None
+
+
+def certificate_request(topic: str) -> tuple[rsa.RSAPrivateKey, x509.CertificateSigningRequest]:
+    """A new key and the CSR to upload to Apple's developer portal for `topic`.
+
+    RSA 2048 is what the portal expects (its own instructions make the request in
+    Keychain Access with those settings); Apple sets the subject of the certificate
+    itself, so the CSR's only carries the topic as a reminder of what it is for.
+    """
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, topic)]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr
+
+
 def client_ssl_context(
     credentials: Credentials | None, ca_file: Path | None = None
 ) -> ssl.SSLContext:
@@ -192,39 +251,30 @@ def environment(credentials: Credentials) -> str:
     return "unknown"
 
 
-def save_credentials(credentials: Credentials, certificate: Path, key: Path | None) -> None:
-    """Write certificate (and chain) and key as PEM, mode 0600; the key goes into the
-    certificate file unless `key` names a file of its own.
+def save_credentials(
+    credentials: Credentials, certificate: Path, key: Path | None
+) -> list[tuple[Path, service_files.Ownership]]:
+    """Write certificate (and chain) and key as PEM, readable by the service (see
+    service_files); the key goes into the certificate file unless `key` names a
+    file of its own. Returns each file written with its owner and mode.
 
     Each file is replaced in one rename, so a service reloading at that moment reads
     the old pair or the new one, never half of one.
     """
-    chain = b"".join(
-        c.public_bytes(serialization.Encoding.PEM)
-        for c in (credentials.certificate, *credentials.chain)
-    )
-    key_pem = credentials.private_key.private_bytes(
+    if key is None:
+        return [(certificate, service_files.write(certificate, credentials.pem()))]
+    return [
+        (key, service_files.write(key, private_pem(credentials.private_key))),
+        (certificate, service_files.write(certificate, credentials.chain_pem())),
+    ]
+
+
+def private_pem(private_key: PrivateKey) -> bytes:
+    return private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    if key is None:
-        _write_private(certificate, chain + key_pem)
-    else:
-        _write_private(key, key_pem)
-        _write_private(certificate, chain)
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
 
 
 # --- loading -------------------------------------------------------------------------
@@ -235,6 +285,14 @@ def _read(path: Path) -> bytes:
         return Path(path).read_bytes()
     except OSError as error:
         raise CertificateError(f"{path}: cannot read: {error.strerror or error}") from error
+
+
+def _der_certificate(data: bytes) -> x509.Certificate | None:
+    # A PKCS#12 file is DER too, but no X.509 certificate: only one of them loads.
+    try:
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        return None
 
 
 def _load_pem(
@@ -422,10 +480,7 @@ def _cert_chain_file(credentials: Credentials) -> Iterator[tuple[str, bytes]]:
     usable ever reaches a disk, even if the process dies before cleanup.
     """
     password = secrets.token_urlsafe(32).encode()
-    pem = b"".join(
-        c.public_bytes(serialization.Encoding.PEM)
-        for c in (credentials.certificate, *credentials.chain)
-    ) + credentials.private_key.private_bytes(
+    pem = credentials.chain_pem() + credentials.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(password),

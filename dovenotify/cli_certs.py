@@ -1,7 +1,7 @@
 """Commands for APNs credentials and moving over from xapsd.
 
-`dovenotify cert show`, `dovenotify cert import FILE`, `dovenotify test-push --user
-NAME` and `dovenotify import-xapsd --database database.json`.
+`dovenotify cert show`, `dovenotify cert request --topic T`, `dovenotify cert import FILE`,
+`dovenotify test-push --user NAME` and `dovenotify import-xapsd --database database.json`.
 """
 
 from __future__ import annotations
@@ -13,18 +13,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from . import xapsd_import
+from cryptography.hazmat.primitives import serialization
+
+from . import service_files, xapsd_import
 from .apns_auth import load_auth, open_sender, read_password
 from .certificates import (
     CertificateError,
     Credentials,
+    certificate_request,
     credentials_from,
     environment,
     load_credentials,
+    private_pem,
     save_credentials,
+    topic_problem,
 )
 from .config import ApnsConfig, Config
-from .store import Registration, open_store
+from .store import Registration, iso, open_store
 from .usernames import UserKeys
 
 
@@ -43,15 +48,34 @@ def register(commands: Any) -> None:
         _show,
     )
     show.add_argument("file", nargs="?", type=Path, help="a certificate file instead")
+    show.add_argument("--key", type=Path, help="the key of FILE, when FILE has none (.cer)")
     show.add_argument("--password-file", type=Path, help="password for FILE, if a .p12")
+    request = add_command(
+        actions,
+        "request",
+        "Make a private key and a certificate signing request (CSR) for a"
+        " com.apple.mobilemail.push.<reversed domain> topic, to upload to Apple.",
+        _request,
+    )
+    request.add_argument(
+        "--topic", required=True, help="com.apple.mobilemail.push.<your domain reversed>"
+    )
+    request.add_argument(
+        "--key", type=Path, help="where the key goes (default: TOPIC.key beside --config)"
+    )
+    request.add_argument(
+        "--csr", type=Path, help="where the CSR goes (default: TOPIC.csr beside the key)"
+    )
     imported = add_command(
         actions,
         "import",
-        "Check a certificate and key (PEM or .p12/.pfx) and install them where"
-        " apns.certificate (and apns.key) say, readable by root only.",
+        "Check a certificate and key (PEM, .p12/.pfx, or Apple's .cer with --key) and"
+        " install them where apns.certificate (and apns.key) say, readable by the service.",
         _import,
     )
-    imported.add_argument("file", type=Path, help="PEM with certificate and key, or .p12/.pfx")
+    imported.add_argument(
+        "file", type=Path, help="PEM with certificate and key, .p12/.pfx, or Apple's .cer"
+    )
     imported.add_argument("--key", type=Path, help="the key, when it is in a file of its own")
     imported.add_argument("--password-file", type=Path, help="password of the .p12 or key")
 
@@ -72,6 +96,13 @@ def register(commands: Any) -> None:
     xapsd.add_argument("--database", type=Path, required=True, help="xapsd's database.json")
     xapsd.add_argument("--xapsd-config", type=Path, help="xapsd.yaml naming its certificate")
     xapsd.add_argument(
+        "--export-certificate",
+        type=Path,
+        metavar="FILE",
+        help="also write xapsd's certificate and key (PEM) to FILE, even when"
+        " apns.certificate already holds one",
+    )
+    xapsd.add_argument(
         "--xapsd-dir",
         type=Path,
         default=xapsd_import.XAPSD_DIR,
@@ -88,7 +119,7 @@ def _show(args: argparse.Namespace) -> int:
     config = load_config(args) if args.file is None else None
     try:
         if args.file is not None:
-            credentials = load_credentials(args.file, None, read_password(args.password_file))
+            credentials = load_credentials(args.file, args.key, read_password(args.password_file))
         else:
             assert config is not None
             apns = config.apns
@@ -148,6 +179,46 @@ def _problem(credentials: Credentials, apns: ApnsConfig | None) -> str | None:
     return None
 
 
+# --- cert request ----------------------------------------------------------------------
+
+
+def _request(args: argparse.Namespace) -> int:
+    from .cli import UsageError
+
+    problem = topic_problem(args.topic)
+    if problem:
+        raise UsageError(f"--topic {problem}")
+    key_path: Path = (args.key or args.config.parent / f"{args.topic}.key").absolute()
+    csr_path: Path = args.csr or key_path.with_suffix(".csr")
+    for path in (key_path, csr_path):
+        if path.exists():
+            # The key of a request Apple may already be answering: never overwrite it.
+            raise UsageError(
+                f"{path} already exists: import Apple's certificate with that key, or"
+                " move it away to start a new request"
+            )
+    key, csr = certificate_request(args.topic)
+    try:
+        ownership = service_files.write(key_path, private_pem(key))
+        service_files.write(csr_path, csr.public_bytes(serialization.Encoding.PEM))
+        csr_path.chmod(0o644)
+    except OSError as error:
+        raise UsageError(f"cannot write the request: {error}") from None
+    print(
+        f"Wrote the private key to {key_path} ({ownership.describe()}): keep it; it never"
+        f" goes to Apple.\nWrote the certificate signing request to {csr_path}.\n\n"
+        "Next (not self-service: Apple must first have granted your developer team this"
+        " topic):\n"
+        "  1. developer.apple.com > Certificates, Identifiers & Profiles > Certificates >"
+        " +,\n     Apple Push Notification service SSL, for"
+        f" {args.topic}; upload {csr_path}.\n"
+        "  2. Download the certificate Apple makes (aps.cer), then:\n"
+        f"       dovenotify cert import aps.cer --key {key_path}\n"
+        "  3. Reload the service: systemctl reload dovenotify (or kill -HUP its pid)."
+    )
+    return 0
+
+
 # --- cert import -----------------------------------------------------------------------
 
 
@@ -173,15 +244,18 @@ def _install(credentials: Credentials, config: Config) -> str:
     apns = config.apns
     if apns.certificate is None:
         raise UsageError(f"{config.path}: set apns.certificate to where the certificate goes")
-    save_credentials(credentials, apns.certificate, apns.key)
-    where = f"{apns.certificate}" + (f" and {apns.key}" if apns.key else "")
+    try:
+        written = save_credentials(credentials, apns.certificate, apns.key)
+    except OSError as error:
+        raise UsageError(f"cannot install the certificate: {error}") from None
+    where = " and ".join(f"{path} ({ownership.describe()})" for path, ownership in written)
     note = ""
     if apns.password_file is not None:
         note = (
             f"\nThe key is stored without a password: remove apns.password_file from {config.path}."
         )
     return (
-        f"Installed the certificate for {credentials.topic} in {where} (mode 0600)."
+        f"Installed the certificate for {credentials.topic} in {where}."
         f" Reload the service (SIGHUP, `systemctl reload dovenotify`) to use it.{note}"
     )
 
@@ -265,18 +339,53 @@ def _import_xapsd(args: argparse.Namespace) -> int:
         credentials = from_config
     topic = _install_for_import(credentials, from_config, config)
 
+    if args.export_certificate is not None:
+        print(_export(credentials, args.export_certificate))
+    imported, skipped = _import_entries(database, topic, config)
+    print(f"Imported {imported} registration(s) from {args.database}, topic {topic}.")
+    if skipped:
+        print(f"Skipped {len(skipped)}:")
+        for reason in skipped:
+            print(f"  {reason}")
+    return 0
+
+
+def _import_entries(
+    database: xapsd_import.Database, topic: str, config: Config
+) -> tuple[int, list[str]]:
+    """Store xapsd's registrations that are still alive; the count, and why others were not."""
     keys = UserKeys(config.username_format, config.default_domain)
     now = time.time()
     imported, skipped = 0, list(database.skipped)
+    # A database made here (as root) must be the service's, which writes it.
+    created: tuple[Path, service_files.Ownership] | None = None
+    if "://" not in config.database and not Path(config.database).exists():
+        path = Path(config.database)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        created = path, service_files.ownership_for(path)
     store = open_store(config.database)
     try:
         for entry in database.entries:
             username = keys.key(entry.username)
-            known = {d.key for d in store.devices(username)}
-            if (username, entry.account_id, entry.device_token) in known:
+            what = f"user {entry.username!r} account {entry.account_id!r}"
+            registered_at = entry.registered_at or now
+            if now - registered_at > config.registration_ttl:
                 skipped.append(
-                    f"user {entry.username!r} account {entry.account_id!r}: already registered"
+                    f"{what}: last registered {iso(registered_at)[:10]}, longer ago than"
+                    f" registration_ttl ({config.registration_ttl / 86400:g} days); the device"
+                    " registers again when Mail next connects"
                 )
+                continue
+            present = [d for d in store.devices(username) if d.account_id == entry.account_id]
+            if any(d.device_token == entry.device_token for d in present):
+                skipped.append(f"{what}: already registered")
+                continue
+            if present and (
+                entry.registered_at is None
+                or any(d.registered_at >= entry.registered_at for d in present)
+            ):
+                # The device registered with dovenotify since: xapsd's token is the old one.
+                skipped.append(f"{what}: registered with dovenotify since, under a newer token")
                 continue
             store.register(
                 Registration(
@@ -285,18 +394,36 @@ def _import_xapsd(args: argparse.Namespace) -> int:
                     device_token=entry.device_token,
                     topic=topic,
                     mailboxes=entry.mailboxes,
-                    registered_at=entry.registered_at or now,
+                    registered_at=registered_at,
                 )
             )
             imported += 1
     finally:
         store.close()
-    print(f"Imported {imported} registration(s) from {args.database}, topic {topic}.")
-    if skipped:
-        print(f"Skipped {len(skipped)}:")
-        for reason in skipped:
-            print(f"  {reason}")
-    return 0
+    if created is not None:
+        path, ownership = created
+        for made in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))):
+            if made.exists():
+                service_files.adopt(made, ownership)
+    return imported, skipped
+
+
+def _export(credentials: Credentials | None, target: Path) -> str:
+    from .cli import UsageError
+
+    if credentials is None:
+        raise UsageError(
+            f"--export-certificate {target}: xapsd's files hold no certificate to export"
+        )
+    try:
+        ownership = service_files.write(target, credentials.pem())
+    except OSError as error:
+        raise UsageError(f"cannot write {target}: {error}") from None
+    expired = " (expired)" if credentials.is_expired() else ""
+    return (
+        f"Wrote xapsd's certificate for {credentials.topic}{expired}, expiring"
+        f" {credentials.not_after:%Y-%m-%d}, with its key to {target} ({ownership.describe()})."
+    )
 
 
 def _install_for_import(
@@ -337,8 +464,8 @@ def _install_for_import(
             print(
                 f"Left {apns.certificate} as it is: it holds another certificate."
                 f" To use xapsd's ({credentials.topic}, expires"
-                f" {credentials.not_after:%Y-%m-%d}), export it and run"
-                " `dovenotify cert import`."
+                f" {credentials.not_after:%Y-%m-%d}), write it to a file with"
+                " --export-certificate FILE, then run `dovenotify cert import FILE`."
             )
         return credentials.topic
     if credentials.is_expired():

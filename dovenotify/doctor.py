@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import grp
 import json
 import os
 import pwd
@@ -69,6 +70,9 @@ class Findings:
     config: configuration.Config | None = None
     auth: Auth | None = None
     dovecot: DovecotFacts | None = None
+    # Who the Lua driver runs as: Dovecot's mail_uid, --mail-user, or with system
+    # users (mail_uid empty) the mail users found on this system.
+    mail_users: tuple[str, ...] = ()
 
 
 Check = Callable[[Findings], Verdict]
@@ -82,10 +86,23 @@ def run(findings: Findings) -> list[Verdict]:
 
 
 def check_config(f: Findings) -> Verdict:
+    if not f.config_path.exists():
+        return Verdict(
+            "config",
+            False,
+            f"there is no configuration file {f.config_path}",
+            "create it from dovenotify.example.yaml (`dovenotify setup` writes one), or "
+            "name yours with --config FILE",
+        )
     try:
         f.config = configuration.load(f.config_path)
     except configuration.ConfigError as e:
-        return Verdict("config", False, str(e), "correct the key on the line named above")
+        fix = (
+            "correct the key on the line named above"
+            if f.config_path.is_file() and os.access(f.config_path, os.R_OK)
+            else f"make {f.config_path} a file root can read"
+        )
+        return Verdict("config", False, str(e), fix)
     return Verdict("config", True, f"{f.config_path} is valid")
 
 
@@ -95,12 +112,16 @@ def check_certificate(f: Findings) -> Verdict:
     try:
         f.auth = load_auth(f.config.apns)
     except (certificates.CertificateError, OSError) as e:
+        return Verdict("certificate", False, str(e), _credentials_fix(f.config.apns))
+    user = service_user(f.config)
+    config = f.config
+    if unreadable := as_service_user(user, lambda: unreadable_file(credential_files(config))):
         return Verdict(
             "certificate",
             False,
-            str(e),
-            "point apns.certificate (or apns.token_key) at current credentials "
-            "(README: Certificates)",
+            f"the service runs as {user}, who cannot read {unreadable}",
+            f"let {user} read it: chgrp {_primary_group(user)} FILE && chmod 0640 FILE "
+            "(`dovenotify cert import` keeps a replaced file's owner and mode)",
         )
     credentials = f.auth.credentials
     if credentials is None:
@@ -126,8 +147,17 @@ def check_dovecot(f: Findings) -> Verdict:
         return Verdict(
             "dovecot", False, str(e), "fix Dovecot's configuration until doveconf -n works"
         )
+    users = mail_users(facts.mail_user, f.mail_user is not None, f.config)
+    if isinstance(users, str):
+        return Verdict(
+            "dovecot",
+            False,
+            users,
+            "give --mail-user the user Dovecot reads mail as (e.g. vmail), or a user "
+            "who gets mail here when mail users are system users",
+        )
     problems = dovecot_problems(f.doveconf, facts, f.config)
-    f.dovecot = facts
+    f.dovecot, f.mail_users = facts, users
     if problems:
         return Verdict(
             "dovecot",
@@ -135,25 +165,31 @@ def check_dovecot(f: Findings) -> Verdict:
             "; ".join(problems),
             "install the output of `dovenotify dovecot-config` in conf.d and reload Dovecot",
         )
+    users = (
+        f"; mail users are system users: checking as {', '.join(f.mail_users) or 'none found'}"
+        if not facts.mail_user
+        else ""
+    )
     return Verdict(
         "dovecot",
         True,
-        f"Dovecot {facts.version}: plugins, Lua driver, capability and post-login helper set",
+        f"Dovecot {facts.version}: plugins, Lua driver, capability and post-login helper set"
+        + users,
     )
 
 
 def check_sockets(f: Findings) -> Verdict:
     if f.config is None or f.dovecot is None:
         return _skipped("sockets", "config" if f.config is None else "dovecot")
-    mail, internal = f.dovecot.mail_user, f.dovecot.internal_user
+    mail, internal = ", ".join(f.mail_users) or "no mail user", f.dovecot.internal_user
+    wanted = [(f.config.relay_socket, internal, True)]
+    for user in f.mail_users:
+        wanted.insert(0, (f.config.event_socket, user, True))
+        # Where the Lua driver keeps events while the socket does not answer.
+        wanted.append((f.config.event_spool, user, False))
     problems = [
         problem
-        for path, user, is_socket in (
-            (f.config.event_socket, mail, True),
-            (f.config.relay_socket, internal, True),
-            # Where the Lua driver keeps events while the socket does not answer.
-            (f.config.event_spool, mail, False),
-        )
+        for path, user, is_socket in wanted
         if (problem := write_problem(path, user, is_socket=is_socket))
     ]
     if problems:
@@ -182,15 +218,23 @@ def check_lua(f: Findings) -> Verdict:
         library = lua_library(facts.mail_plugin_dir)
     except LuaError as e:
         return Verdict("lua", False, str(e), e.fix)
-    problem = as_user(facts.mail_user, lambda: run_lua_probe(library, script, socket_path))
-    if problem:
-        kind, _, detail = problem.partition(": ")
-        fix = LUA_FIXES.get(kind, "see the message above")
-        return Verdict("lua", False, f"as {facts.mail_user}: {detail or kind}", fix)
+    if not f.mail_users:
+        return Verdict(
+            "lua",
+            True,
+            "not tried: no mail user found to try it as (system users, none has mail yet); "
+            "`dovenotify doctor --mail-user NAME` tries it as NAME",
+        )
+    for user in f.mail_users:
+        problem = as_user(user, lambda: run_lua_probe(library, script, socket_path))
+        if problem:
+            kind, _, detail = problem.partition(": ")
+            fix = LUA_FIXES.get(kind, "see the message above")
+            return Verdict("lua", False, f"as {user}: {detail or kind}", fix)
     return Verdict(
         "lua",
         True,
-        f"as {facts.mail_user}, {library.name} loads {script} and lua-socket "
+        f"as {', '.join(f.mail_users)}, {library.name} loads {script} and lua-socket "
         f"and connects to {socket_path}",
     )
 
@@ -239,13 +283,7 @@ def check_apns(f: Findings) -> Verdict:
     endpoint = f.config.apns.endpoint
     problem = apns_handshake(f.auth.credentials, endpoint, f.config.apns.ca_file)
     if problem:
-        return Verdict(
-            "apns",
-            False,
-            f"{endpoint}: {problem}",
-            "check the certificate is Apple's and current, and that outgoing "
-            "port 443 is open (README: Troubleshooting)",
-        )
+        return Verdict("apns", False, f"{endpoint}: {problem.message}", APNS_FIXES[problem.cause])
     what = "the certificate" if f.auth.credentials else "our connection"
     return Verdict("apns", True, f"{endpoint} accepts {what} (no push sent)")
 
@@ -269,6 +307,15 @@ def check_registrations(f: Findings) -> Verdict:
             store.close()
     except StoreError as e:
         return Verdict("registrations", False, str(e), "check database in the configuration")
+    if "://" not in database:
+        user = service_user(f.config)
+        if problem := as_service_user(user, lambda: unwritable_file(Path(database))):
+            return Verdict(
+                "registrations",
+                False,
+                f"the service runs as {user}, who cannot write {problem}",
+                f"chown {user}: {database} (and its directory)",
+            )
     users = len({d.username for d in devices})
     if not devices:
         return Verdict(
@@ -290,6 +337,31 @@ CHECKS: tuple[Check, ...] = (
     check_apns,
     check_registrations,
 )
+
+
+def _credentials_fix(apns: configuration.ApnsConfig) -> str:
+    """The fix for credentials that would not load, by what is wrong with their files."""
+    for key, path in (
+        ("apns.certificate", apns.certificate),
+        ("apns.key", apns.key),
+        ("apns.password_file", apns.password_file),
+        ("apns.token_key", apns.token_key),
+    ):
+        if path is None:
+            continue
+        if not path.exists():
+            return (
+                f"{key} names {path}, which does not exist: install the certificate with "
+                "`dovenotify cert import FILE`, or correct the path (README: Certificates)"
+            )
+        if not os.access(path, os.R_OK):
+            return f"{path} cannot be read even by root: check its permissions and mount"
+    if apns.certificate is None and apns.token_key is None:
+        return "set apns.certificate (or apns.token_key) to your APNs credentials"
+    return (
+        "replace them with current ones from Apple: `dovenotify cert import FILE` "
+        "(README: Certificates)"
+    )
 
 
 def _skipped(check: str, needs: str) -> Verdict:
@@ -341,7 +413,7 @@ def read_dovecot(command: Sequence[str], mail_user: str | None) -> DovecotFacts:
     relay_socket = re.search(r"--socket (\S+)", helper)
     return DovecotFacts(
         version=version,
-        mail_user=mail_user or value("-h", "mail_uid"),
+        mail_user=mail_user if mail_user is not None else value("-h", "mail_uid"),
         internal_user=value("-h", "default_internal_user"),
         lua_script=Path(lua_script) if lua_script else None,
         event_socket=Path(event_socket[1]) if event_socket else None,
@@ -409,7 +481,10 @@ def write_problem(path: Path, user: str, *, is_socket: bool) -> str | None:
         return f"{path} is not a socket"
     if not is_socket and not stat.S_ISREG(st.st_mode):
         return f"{path} is not a file"
-    entry = _user(user)
+    try:
+        entry = _user(user)
+    except KeyError as e:
+        return e.args[0]
     groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
     for directory in reversed(path.parents):
         if not _may(directory.stat(), entry.pw_uid, groups, 0o1):
@@ -433,7 +508,118 @@ def _may(st: os.stat_result, uid: int, groups: set[int], bit: int) -> bool:
 
 
 def _user(user: str) -> pwd.struct_passwd:
-    return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    """The passwd entry of a name or uid; KeyError naming the problem if none."""
+    try:
+        return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, ValueError, OverflowError):
+        raise KeyError(f"there is no user {user!r} on this system") from None
+
+
+def _primary_group(user: str) -> str:
+    try:
+        gid = _user(user).pw_gid
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return user
+
+
+# The service's own user, when nothing running says otherwise (README, setup).
+SERVICE_USER = "dovenotify"
+# Users checked as when mail users are system users: enough to catch a directory
+# closed to them, few enough to stay quick.
+MAX_MAIL_USERS = 3
+# Debian's range of accounts made with adduser (login.defs UID_MIN, UID_MAX).
+_REGULAR_UIDS = range(1000, 60001)
+
+
+def mail_users(
+    configured: str, given: bool, config: configuration.Config | None
+) -> tuple[str, ...] | str:
+    """Who the Lua driver runs as, or why that cannot be told.
+
+    `configured` is --mail-user (`given`) or Dovecot's mail_uid. Empty mail_uid
+    means system users: the driver runs as each recipient, so check as users who
+    registered devices, else as the first regular accounts.
+    """
+    if given or configured:
+        source = "--mail-user" if given else "Dovecot's mail_uid"
+        if not configured:
+            return f"{source} is empty, so it names no user"
+        try:
+            return (_user(configured).pw_name,)
+        except KeyError as e:
+            return f"{source}: {e.args[0]}"
+    found = [name for name in _registered_users(config) if _exists(name)]
+    if not found:
+        found = [
+            entry.pw_name
+            for entry in sorted(pwd.getpwall(), key=lambda e: e.pw_uid)
+            if entry.pw_uid in _REGULAR_UIDS and not entry.pw_shell.endswith(("/nologin", "/false"))
+        ]
+    return tuple(found[:MAX_MAIL_USERS])
+
+
+def _registered_users(config: configuration.Config | None) -> list[str]:
+    if config is None:
+        return []
+    try:
+        store = open_store(config.database)
+        try:
+            return sorted({d.username for d in store.devices()})
+        finally:
+            store.close()
+    except StoreError:
+        return []
+
+
+def _exists(user: str) -> bool:
+    try:
+        _user(user)
+    except KeyError:
+        return False
+    return True
+
+
+def service_user(config: configuration.Config) -> str:
+    """Who `dovenotify serve` runs as: the owner of the socket it made, else its usual user."""
+    for path in (config.event_socket, config.relay_socket):
+        try:
+            return _name(path.stat().st_uid)
+        except OSError:
+            continue
+    return SERVICE_USER if _exists(SERVICE_USER) else _name(os.geteuid())
+
+
+def as_service_user(user: str, work: Callable[[], str | None]) -> str | None:
+    """`work`'s answer as `user`; None when this doctor cannot act as them (not root):
+    the checks done as root stand then."""
+    if os.geteuid() != 0 and user != _name(os.geteuid()):
+        return None
+    return as_user(user, work)
+
+
+def credential_files(config: configuration.Config) -> list[Path]:
+    apns = config.apns
+    candidates = (apns.certificate, apns.key, apns.password_file, apns.token_key, apns.ca_file)
+    return [path for path in candidates if path is not None]
+
+
+def unreadable_file(paths: Sequence[Path]) -> str | None:
+    """The first of `paths` this process cannot open for reading, with why."""
+    for path in paths:
+        try:
+            path.open("rb").close()
+        except OSError as e:
+            return f"{path} ({e.strerror})"
+    return None
+
+
+def unwritable_file(path: Path) -> str | None:
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except OSError as e:
+        return f"{path} ({e.strerror})"
+    return None
 
 
 def _name(uid: int) -> str:
@@ -447,8 +633,8 @@ def as_user(user: str, work: Callable[[], str | None]) -> str | None:
     """Run `work` in a child process with `user`'s uid, gid and groups; return its answer."""
     try:
         entry = _user(user)
-    except (KeyError, ValueError):
-        return f"user {user!r} does not exist"
+    except KeyError as e:
+        return e.args[0]
     if os.geteuid() != 0:
         if entry.pw_uid == os.geteuid():
             return work()
@@ -569,9 +755,28 @@ def probe_relay(path: Path, timeout: float) -> str | None:
     return REFUSED if not answer else f"unexpected answer {answer[:40]!r}"
 
 
+@attrs.frozen
+class ApnsProblem:
+    cause: str  # a key of APNS_FIXES
+    message: str
+
+
+APNS_FIXES = {
+    "dns": "this host cannot look up the APNs name: check its DNS resolver "
+    "(/etc/resolv.conf) and apns.endpoint",
+    "connect": "nothing answered there: allow outgoing TCP to APNs (port 443 or 2197) "
+    "through firewall and proxy, and check apns.endpoint",
+    "trust": "the server's certificate is not trusted: something intercepts TLS on the "
+    "way, or apns.ca_file is wrong",
+    "tls": "APNs refused the certificate: check it is Apple's, current, and for this "
+    "environment (production or sandbox) (README: Troubleshooting)",
+    "server": "the server there is not APNs: check apns.endpoint",
+}
+
+
 def apns_handshake(
     credentials: certificates.Credentials | None, endpoint: str, ca_file: Path | None
-) -> str | None:
+) -> ApnsProblem | None:
     """TLS with the client certificate, then HTTP/2 SETTINGS both ways; no request.
 
     Under TLS 1.3 the server judges the client certificate after the client has
@@ -587,23 +792,31 @@ def apns_handshake(
             context.wrap_socket(raw, server_hostname=host) as tls,
         ):
             if tls.selected_alpn_protocol() != "h2":
-                return "the server does not speak HTTP/2"
+                return ApnsProblem("server", "the server does not speak HTTP/2")
             h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
             h2c.initiate_connection()
             tls.sendall(h2c.data_to_send())
             while True:
                 data = tls.recv(65536)
                 if not data:
-                    return "the server closed the connection"
+                    return ApnsProblem("tls", "the server closed the connection")
                 for event in h2c.receive_data(data):
                     if isinstance(event, h2.events.ConnectionTerminated):
                         detail = (event.additional_data or b"").decode(errors="replace")
-                        return f"the server ended the connection: {detail or event.error_code}"
+                        message = f"the server ended the connection: {detail or event.error_code}"
+                        return ApnsProblem("tls", message)
                     if isinstance(event, h2.events.RemoteSettingsChanged):
                         h2c.close_connection()
                         tls.sendall(h2c.data_to_send())
                         return None
+    except socket.gaierror as e:
+        return ApnsProblem("dns", f"DNS lookup of {host} failed: {e.strerror}")
+    except ssl.SSLCertVerificationError as e:
+        return ApnsProblem("trust", f"TLS failed: {e.verify_message or e.reason}")
     except ssl.SSLError as e:
-        return f"TLS failed: {e.reason or e}"
+        return ApnsProblem("tls", f"TLS failed: {e.reason or e}")
+    except (ConnectionResetError, BrokenPipeError) as e:
+        # Under TLS 1.2 a refused client certificate can look like this too.
+        return ApnsProblem("tls", f"the server hung up during TLS: {e.strerror or e}")
     except OSError as e:
-        return f"cannot connect: {e.strerror or e}"
+        return ApnsProblem("connect", f"cannot connect: {e.strerror or e}")

@@ -69,6 +69,11 @@ def read_database(path: Path) -> Database:
         raise XapsdError(f"{path}: cannot read: {error.strerror or error}") from error
     except ValueError as error:
         raise XapsdError(f"{path}: not xapsd's database.json (not JSON: {error})") from error
+    except RecursionError as error:
+        # xapsd nests three levels; Python's parser gives up near a thousand.
+        raise XapsdError(
+            f"{path}: not xapsd's database.json (its JSON is nested too deeply to read)"
+        ) from error
     if not isinstance(document, dict) or not isinstance(document.get("Users", {}), dict):
         raise XapsdError(f'{path}: not xapsd\'s database.json (no "Users" mapping)')
     entries: list[Entry] = []
@@ -135,6 +140,26 @@ def _apple_certificate(path: Path, document: Mapping[str, Any]) -> tuple[Any, An
         ) from error
 
 
+# The keys of xapsd.yaml dovenotify reads; each holds one file name or value.
+_STRING_KEYS = (
+    "certificateFileP12",
+    "certificateFilePem",
+    "certificateFilePemKey",
+    "keyFileP8",
+    "keyFileTopic",
+    "keyFileKeyId",
+    "keyFileTeamId",
+)
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "a yes/no value" if isinstance(value, bool) else "a number"
+
+
 def read_config(path: Path, base: Path = XAPSD_DIR) -> Credentials | TokenSettings | None:
     """The credentials xapsd.yaml names (file names relative to `base`), if any."""
     try:
@@ -143,8 +168,18 @@ def read_config(path: Path, base: Path = XAPSD_DIR) -> Credentials | TokenSettin
         raise XapsdError(f"{path}: cannot read: {error.strerror or error}") from error
     except yaml.YAMLError as error:
         raise XapsdError(f"{path}: not valid YAML: {error}") from error
+    except RecursionError as error:
+        raise XapsdError(f"{path}: this YAML is nested too deeply to read") from error
     if not isinstance(settings, dict):
         raise XapsdError(f"{path}: expected xapsd's settings (a mapping)")
+    for key in _STRING_KEYS:
+        value = settings.get(key)
+        # YAML reads a numeric team id (1234567890) as a number: that is still a name.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int)):
+            raise XapsdError(
+                f"{path}: {key} must be a single name or value, not"
+                f" {_kind(value)} ({json.dumps(value, default=str)[:60]})"
+            )
 
     def file(key: str) -> Path | None:
         name = settings.get(key)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from tests.harness.apns_standin import HANG, Answer, RecordedRequest, run_apns_standin
@@ -327,6 +328,27 @@ async def test_hung_stream_times_out_and_is_retried(test_pki: Pki) -> None:
         retried = await stack.standin.next_request(timeout=5)
         await drained(stack)
     assert token_of(retried) == TOKENS[0]
+
+
+@pytest.mark.parametrize(
+    ("host", "cause"),
+    [
+        ("127.0.0.1", "ConnectError: 127.0.0.1 port {port} refused the connection"),
+        ("apns.invalid", "ConnectError: DNS lookup of apns.invalid failed ("),
+    ],
+)
+async def test_the_log_says_why_apns_cannot_be_reached(
+    test_pki: Pki, host: str, cause: str
+) -> None:
+    """Nothing listens, or the name does not resolve: the warning names which."""
+    (port,) = free_ports(1)
+    apns = {**apns_settings(test_pki, port, timeout=0.5), "endpoint": f"https://{host}:{port}"}
+    async with run_stack(test_pki, {"apns": apns}, version=None) as stack:
+        await register(stack, TOKENS[0])
+        await new_mail(stack)
+        await log_says(
+            stack, f"WARNING dovenotify: APNs cannot be reached ({cause.format(port=port)}"
+        )
 
 
 async def test_tls_black_hole_then_apns_comes_back(test_pki: Pki) -> None:

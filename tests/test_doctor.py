@@ -3,11 +3,14 @@ breakage named with its fix."""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 import shutil
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
 from dovenotify import doctor
@@ -18,9 +21,18 @@ from dovenotify.dovecot_config import (
     DEFAULT_RELAY_SOCKET,
     render_example,
 )
-from tests.harness.dovecot import installation, make_root
+from dovenotify.store import Registration, SQLiteStore
+from tests.harness.apns_standin import ApnsStandin
+from tests.harness.certs import Pki
+from tests.harness.dovecot import free_ports, installation, make_root
 from tests.harness.dovecot import write_config as write_dovecot_config
-from tests.harness.service import dovenotify_command, write_config
+from tests.harness.service import (
+    SERVICE_USER,
+    dovenotify_command,
+    run_service,
+    service_layout,
+    write_config,
+)
 from tests.harness.stack import run_stack
 
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
@@ -34,12 +46,23 @@ class Report:
     verdicts: dict[str, tuple[str, str, str]]  # check -> (ok/FAIL, summary, fix)
 
 
-async def run_doctor(config: Path, dovecot_conf: Path) -> Report:
+async def run_doctor(
+    config: Path, dovecot_conf: Path, *args: str, env: dict[str, str] | None = None
+) -> Report:
     result = await trio.run_process(
-        [*dovenotify_command(), "doctor", "--config", str(config), "--dovecot-conf", dovecot_conf],
+        [
+            *dovenotify_command(),
+            "doctor",
+            "--config",
+            str(config),
+            "--dovecot-conf",
+            dovecot_conf,
+            *args,
+        ],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
+        env=env,
     )
     output = result.stdout.decode()
     verdicts: dict[str, tuple[str, str, str]] = {}
@@ -188,3 +211,143 @@ def test_doctor_reads_doveconf_of_both_versions(dovecot_version):
         ]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --- users it cannot find, system users, and files as the service sees them ----------
+
+
+def doveconf_on_path(root: Path, version: str) -> dict[str, str]:
+    """An environment whose `doveconf` is that of Dovecot `version` (the other one runs
+    in its chroot), so the doctor runs as an admin runs it on either version."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "doveconf"
+    # The host's by its full path: this wrapper is the one on PATH now.
+    argv = installation(version).command(shutil.which("doveconf") or "/usr/bin/doveconf")
+    command = " ".join(shlex.quote(a) for a in argv)
+    wrapper.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+    wrapper.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(
+    ("mail_user", "problem"),
+    [
+        ("nosuchuser", "--mail-user: there is no user 'nosuchuser' on this system"),
+        ("99999", "--mail-user: there is no user '99999' on this system"),
+        ("", "--mail-user is empty, so it names no user"),
+        (None, None),  # Debian's default: system users, mail_uid empty
+    ],
+)
+async def test_doctor_names_users_it_cannot_find_and_checks_system_users(
+    dovecot_version: str, test_pki: Pki, mail_user: str | None, problem: str | None
+) -> None:
+    root = make_root("dovenotify-doctor-")
+    try:
+        conf = write_dovecot_config(
+            root, version=dovecot_version, extra_conf=render_example(dovecot_version)
+        )
+        conf.write_text(re.sub(r"(?m)^mail_[ug]id = .*$", "", conf.read_text()))
+        database = root / "registrations.sqlite"
+        # A system user ("nobody") has a device: that is a mail user to check as.
+        store = SQLiteStore(database)
+        store.register(Registration("nobody", ACCOUNT, TOKEN, test_pki.client.topic, ("INBOX",)))
+        store.close()
+        config = write_config(
+            root / "dovenotify.yaml",
+            {
+                "database": str(database),
+                "event_socket": str(DEFAULT_EVENT_SOCKET),
+                "relay_socket": str(DEFAULT_RELAY_SOCKET),
+                "apns": {"certificate": str(test_pki.client.combined_pem)},
+            },
+        )
+        args = () if mail_user is None else ("--mail-user", mail_user)
+        env = doveconf_on_path(root, dovecot_version)
+
+        report = await run_doctor(config, conf, *args, env=env)
+
+        assert "Traceback" not in report.output and "Error" not in report.output, report.output
+        assert report.code == 1  # nothing is running here
+        status, summary, fix = report.verdicts["dovecot"]
+        if problem is None:
+            assert status == "ok", report.output
+            assert summary.endswith("mail users are system users: checking as nobody")
+            assert (
+                f"nobody may not write to {DEFAULT_EVENT_SOCKET}" in (report.verdicts["sockets"][1])
+                or f"{DEFAULT_EVENT_SOCKET} does not exist" in report.verdicts["sockets"][1]
+            )
+        else:
+            assert (status, summary) == ("FAIL", problem)
+            assert "--mail-user" in fix
+            assert report.verdicts["lua"][1] == "not checked: the dovecot check failed"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_doctor_without_a_config_file_names_it(tmp_path: Path) -> None:
+    missing = tmp_path / "dovenotify.yaml"
+    report = await run_doctor(missing, Path("/nonexistent/dovecot.conf"))
+    assert report.code == 1
+    assert report.verdicts["config"] == (
+        "FAIL",
+        f"there is no configuration file {missing}",
+        "create it from dovenotify.example.yaml (`dovenotify setup` writes one), or name"
+        " yours with --config FILE",
+    )
+
+
+async def test_doctor_names_a_missing_certificate_file(tmp_path: Path) -> None:
+    config = tmp_path / "dovenotify.yaml"
+    config.write_text(f"apns:\n  certificate: {tmp_path / 'push.pem'}\n")
+    report = await run_doctor(config, Path("/nonexistent/dovecot.conf"))
+    status, _, fix = report.verdicts["certificate"]
+    assert status == "FAIL"
+    assert fix.startswith(f"apns.certificate names {tmp_path / 'push.pem'}, which does not exist")
+    assert "dovenotify cert import" in fix
+
+
+@pytest.mark.parametrize("where", ["no such name", "nothing listening"])
+async def test_doctor_tells_dns_from_refused_from_the_certificate(
+    tmp_path: Path, test_pki: Pki, where: str
+) -> None:
+    (port,) = free_ports(1)
+    host = "apns.invalid" if where == "no such name" else "127.0.0.1"
+    config = tmp_path / "dovenotify.yaml"
+    config.write_text(
+        f"apns:\n  certificate: {test_pki.client.combined_pem}\n  endpoint: https://{host}:{port}\n"
+    )
+    report = await run_doctor(config, Path("/nonexistent/dovecot.conf"))
+    status, summary, fix = report.verdicts["apns"]
+    assert status == "FAIL"
+    if where == "no such name":
+        assert "DNS lookup of apns.invalid failed" in summary
+        assert fix.startswith("this host cannot look up the APNs name")
+    else:
+        assert "cannot connect: Connection refused" in summary
+        assert fix.startswith("nothing answered there")
+    assert "certificate" not in fix
+
+
+async def test_doctor_checks_the_certificate_as_the_service_user(
+    test_pki: Pki, apns_standin: ApnsStandin
+) -> None:
+    root, settings = service_layout(test_pki, apns_standin.url, test_pki.client.combined_pem)
+    try:
+        certificate = Path(settings["apns"]["certificate"])
+        async with run_service(root / "service", settings, user=SERVICE_USER) as service:
+            config = service.config_path
+            nowhere = Path("/nonexistent/dovecot.conf")
+            assert (await run_doctor(config, nowhere)).verdicts["certificate"][0] == "ok"
+            # What an import used to leave behind: root's alone.
+            certificate.chmod(0o600)
+            report = await run_doctor(config, nowhere)
+        status, summary, fix = report.verdicts["certificate"]
+        assert (status, summary) == (
+            "FAIL",
+            f"the service runs as {SERVICE_USER}, who cannot read {certificate}"
+            " (Permission denied)",
+        )
+        assert fix.startswith(f"let {SERVICE_USER} read it: chgrp ")
+    finally:
+        shutil.rmtree(root)

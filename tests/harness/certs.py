@@ -64,6 +64,24 @@ class Pki:
     # Token authentication: an Apple-style .p8 key (PKCS#8 PEM, EC P-256).
     token_key: Path
     token_public_key: ec.EllipticCurvePublicKey
+    # Stands in for Apple: issues the client certificates, and answers requests.
+    client_issuer: _Issuer
+
+    def answer_request(self, csr_pem: bytes, topic: str) -> bytes:
+        """The aps.cer (DER) Apple's developer portal returns for a CSR and a topic."""
+        csr = x509.load_pem_x509_csr(csr_pem)
+        assert csr.is_signature_valid
+        now = datetime.now(UTC)
+        certificate = self.client_issuer.sign(
+            csr.public_key(),  # type: ignore[arg-type]
+            _apple_subject(topic, f"Apple Push Services: {topic}"),
+            now - timedelta(minutes=5),
+            now + timedelta(days=395),
+            extensions=(
+                x509.UnrecognizedExtension(TOPICS_EXTENSION_OID, encode_topics_extension(topic)),
+            ),
+        )
+        return certificate.public_bytes(serialization.Encoding.DER)
 
 
 def make_test_pki(directory: Path) -> Pki:
@@ -163,6 +181,7 @@ def make_test_pki(directory: Path) -> Pki:
         stray_key=stray_key,
         token_key=token_key,
         token_public_key=ec_key.public_key(),
+        client_issuer=issuer,
     )
 
 
@@ -238,11 +257,21 @@ class _Issuer:
         extensions: tuple[x509.ExtensionType, ...] = (),
     ) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
         key = _new_key()
+        return self.sign(key.public_key(), subject, not_before, not_after, extensions), key
+
+    def sign(
+        self,
+        public_key: rsa.RSAPublicKey,
+        subject: x509.Name,
+        not_before: datetime,
+        not_after: datetime,
+        extensions: tuple[x509.ExtensionType, ...] = (),
+    ) -> x509.Certificate:
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
@@ -254,7 +283,7 @@ class _Issuer:
         )
         for extension in extensions:
             builder = builder.add_extension(extension, critical=False)
-        return builder.sign(self.key, hashes.SHA256()), key
+        return builder.sign(self.key, hashes.SHA256())
 
 
 def _apple_subject(uid: str, common_name: str) -> x509.Name:

@@ -212,6 +212,25 @@ def test_bytecode_that_does_not_load_falls_back_to_the_source(
     )
 
 
+def test_without_the_driver_mail_is_delivered_and_the_log_says_why(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
+    for name in ("dovenotify-driver.lua", "dovenotify-driver.luac"):
+        (scratch / name).unlink()
+    d = dovecot_factory(extra_conf=driver_conf())
+    with EventSink(scratch / "events.sock") as sink:
+        # An error raised from a hook would make Dovecot panic after saving the
+        # mail, and the LMTP client would see the connection drop.
+        deliver(d, "alice", MESSAGE)
+        d.wait_for_log(
+            r"Error: dovenotify: cannot open \S+/dovenotify-driver.lua.*; "
+            r"run `dovenotify dovecot-config --install`"
+        )
+    assert sink.payloads == []
+    assert len(list((d.layout.homes / "alice" / "Maildir" / "new").iterdir())) == 1
+    assert "Panic" not in d.log_text()
+
+
 def test_lda_delivery_sends_message_new(
     dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
 ):

@@ -26,11 +26,28 @@ local function load_driver()
     dovecot.i_warning(string.format("dovenotify: %s does not load (%s); using the source "
       .. "instead, which is slower: run `dovenotify dovecot-config --install` again", path .. "c", err))
   end
-  return (chunk or assert(loadfile(path, "t")))(args)
+  if not chunk then
+    chunk, err = loadfile(path, "t")
+    if not chunk then
+      error("dovenotify: " .. err .. "; run `dovenotify dovecot-config --install`", 0)
+    end
+  end
+  return chunk(args)
 end
 
+-- An error raised from a hook makes Dovecot (2.3.19 and 2.4.1) panic the
+-- process after it saved the mail: the LMTP client sees the connection drop
+-- and delivers the mail again. So without a driver every hook does nothing.
+local NOTHING = setmetatable({}, { __index = function() return function() return {} end end })
+
 function dovecot_lua_notify_begin_txn(user)
-  driver = driver or load_driver()
+  if not driver then
+    local loaded, result = pcall(load_driver)
+    if not loaded then
+      dovecot.i_error(tostring(result))
+    end
+    driver = loaded and result or NOTHING
+  end
   return driver.begin_txn(user)
 end
 

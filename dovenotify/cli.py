@@ -10,7 +10,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import cli_certs, cli_db, cli_devices, cli_doctor, cli_relay, dovecot_config, lua_bytecode
+from . import (
+    cli_certs,
+    cli_db,
+    cli_devices,
+    cli_doctor,
+    cli_relay,
+    dovecot_config,
+    lua_bytecode,
+    setup,
+)
 from . import config as configuration
 from .store import StoreError, iso, open_store
 from .usernames import UserKeys
@@ -66,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_doctor.register(commands)
     cli_certs.register(commands)
     cli_relay.register(commands)
+    setup.register(commands)
     return parser
 
 
@@ -151,45 +161,56 @@ def _devices(args: argparse.Namespace) -> int:
 def _dovecot(args: argparse.Namespace) -> int:
     config = load_config(args)
     version = args.dovecot_version or dovecot_config.installed_dovecot_version()
-    files = config.dovecot_files
     if args.install:
-        not_precompiled = install_dovecot_files(files)
-        print(f"dovenotify: installed {', '.join(DOVECOT_FILES)} in {files}", file=sys.stderr)
-        if not_precompiled:
-            print(
-                f"dovenotify: the Lua driver is not precompiled ({not_precompiled}); "
-                "Dovecot compiles it for every mail delivery instead, which is slower",
-                file=sys.stderr,
-            )
-    print(
-        dovecot_config.render(
-            version,
-            lua_script=files / "dovenotify.lua",
-            event_socket=config.event_socket,
-            event_timeout=config.event_timeout,
-            helper_command=[str(config.helper_python), "-I", "-S", str(files / "postlogin.py")],
-            relay_socket=config.relay_socket,
-            relay_timeout=config.relay_timeout,
-            user_field=config.user_lookup,
-            event_spool=config.event_spool,
-            relay_only_field=config.relay_only_field,
-        ),
-        end="",
-    )
+        install_dovecot_files(config.dovecot_files)
+        print(
+            f"dovenotify: installed {', '.join(DOVECOT_FILES)} in {config.dovecot_files}",
+            file=sys.stderr,
+        )
+    print(dovecot_snippet(config, version), end="")
     return 0
 
 
-def install_dovecot_files(directory: Path) -> str | None:
+def dovecot_snippet(config: configuration.Config, version: str) -> str:
+    """Dovecot's configuration for `config`, in the syntax of Dovecot `version`."""
+    files = config.dovecot_files
+    return dovecot_config.render(
+        version,
+        lua_script=files / "dovenotify.lua",
+        event_socket=config.event_socket,
+        event_timeout=config.event_timeout,
+        helper_command=[str(config.helper_python), "-I", "-S", str(files / "postlogin.py")],
+        relay_socket=config.relay_socket,
+        relay_timeout=config.relay_timeout,
+        user_field=config.user_lookup,
+        event_spool=config.event_spool,
+        relay_only_field=config.relay_only_field,
+    )
+
+
+def install_dovecot_files(directory: Path) -> list[Path]:
     """Copy the Lua scripts and helper where Dovecot's unprivileged users can read them,
-    and precompile the Lua driver; return None, or why it is not precompiled."""
+    and precompile the Lua driver; return the files that changed."""
     source = Path(__file__).parent / "dovecot"
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
+    changed = []
     for name in DOVECOT_FILES:
         target = directory / name
-        shutil.copyfile(source / name, target)
+        if not target.is_file() or target.read_bytes() != (source / name).read_bytes():
+            shutil.copyfile(source / name, target)
+            changed.append(target)
         target.chmod(0o644)
-    return lua_bytecode.install_bytecode(directory)
+    try:
+        if lua_bytecode.install_bytecode(directory):
+            changed.append(directory / lua_bytecode.BYTECODE)
+    except lua_bytecode.BytecodeError as e:
+        print(
+            f"dovenotify: the Lua driver is not precompiled ({e}); "
+            "Dovecot compiles it for every mail delivery instead, which is slower",
+            file=sys.stderr,
+        )
+    return changed
 
 
 if __name__ == "__main__":

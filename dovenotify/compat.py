@@ -28,6 +28,7 @@ import attrs
 from .dispatch import wants
 from .events import Event
 from .httpserver import Request, Response
+from .mailboxes import MailboxNameError, decode_all
 from .relay import store_registration
 from .store import Registration
 
@@ -98,7 +99,13 @@ def parse_register(body: bytes) -> Register:
     if not all(c in "0123456789abcdefABCDEF" for c in device_token):
         raise CompatError("ApsDeviceToken is not hexadecimal")
     assert mailboxes is not None
-    return Register(username.lower(), account_id, device_token.lower(), mailboxes)
+    try:
+        # The plugin passes the names on as iOS spelled them: stored in UTF-8, as
+        # the relay does.
+        folders = decode_all(mailboxes)
+    except MailboxNameError as e:
+        raise CompatError(f"Mailboxes: {e}") from None
+    return Register(username.lower(), account_id, device_token.lower(), folders)
 
 
 def parse_notify(body: bytes) -> Notify:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -349,12 +351,21 @@ def _check_keys(
         if name not in schema:
             close = difflib.get_close_matches(name, [*schema, *nested], n=1)
             hint = f" (did you mean '{'.'.join((*prefix, close[0]))}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown key '{dotted}'{hint}")
+            raise ConfigError(f"{where}: unknown key {_quoted(name, dotted)}{hint}")
         try:
             values[name] = schema[name](value)
         except ValueError as e:
             raise ConfigError(f"{where}: {dotted}: {e}, got {_describe(value)}") from None
     return values
+
+
+def _quoted(name: str, dotted: str) -> str:
+    """A key as the message shows it. Dots, quotes and control characters in a name
+    that YAML allowed would make the message ambiguous, or reach a terminal raw:
+    such a key is shown in double quotes, escaped as in JSON."""
+    if re.fullmatch(r"[\w-]+", name):
+        return f"'{dotted}'"
+    return json.dumps(dotted, ensure_ascii=False)
 
 
 def _describe(value: Any) -> str:

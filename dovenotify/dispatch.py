@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import attrs
 
 from .events import Event
+from .mailboxes import key
 from .store import Registration
 
 IMMEDIATE = frozenset({"MessageNew", "MessageAppend"})
@@ -28,10 +29,16 @@ DeviceKey = tuple[str, str, str]
 
 
 def wants(registration: Registration, mailbox: str) -> bool:
-    """Did this device register for this mailbox? INBOX is case-insensitive (RFC 3501)."""
-    if mailbox.upper() == "INBOX":
-        return any(m.upper() == "INBOX" for m in registration.mailboxes)
-    return mailbox in registration.mailboxes
+    """Did this device register for this mailbox? Both names are UTF-8 (the store's
+    are decoded at registration); INBOX is case-insensitive (RFC 3501)."""
+    if mailbox in registration.mailboxes:
+        return True
+    # Only names starting with INBOX can match a name spelled otherwise (and every
+    # event and registration is looked at here: keep the usual case cheap).
+    if mailbox[:5].upper() != "INBOX":
+        return False
+    wanted = key(mailbox)
+    return any(key(m) == wanted for m in registration.mailboxes)
 
 
 def _concerns(event: Event, device: Registration) -> bool:

@@ -108,8 +108,11 @@ DRIVER = "dovenotify-driver.lua"
 BYTECODE = DRIVER + "c"
 
 
-def install_bytecode(directory: Path, library: str | None = None) -> str | None:
-    """Precompile the driver installed in `directory`; None, or why it is not precompiled."""
+def install_bytecode(directory: Path, library: str | None = None) -> bool:
+    """Precompile the driver installed in `directory`; whether the bytecode changed.
+
+    Raises BytecodeError, saying why, when it cannot, after removing older bytecode.
+    """
     target = directory / BYTECODE
     try:
         source = (directory / DRIVER).read_bytes()
@@ -117,9 +120,11 @@ def install_bytecode(directory: Path, library: str | None = None) -> str | None:
     except (BytecodeError, OSError) as e:
         # Bytecode of an older driver would otherwise be loaded in place of the new source.
         target.unlink(missing_ok=True)
-        return str(e)
+        raise BytecodeError(str(e)) from None
+    if target.is_file() and target.read_bytes() == data:
+        return False
     partial = target.with_name(target.name + ".new")
     partial.write_bytes(data)
     partial.chmod(0o644)
     partial.replace(target)
-    return None
+    return True

@@ -217,7 +217,7 @@ class Relay:
             account_id=request.account_id,
             device_token=request.device_token,
             topic=topic,
-            mailboxes=request.mailboxes,
+            mailboxes=request.folders,
         )
         if not await store_registration(self.register, registration):
             return xaps.no(command.tag, "the registration could not be stored, try again later")

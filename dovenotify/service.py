@@ -19,7 +19,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from . import apns, relay, spool
+from . import apns, directories, relay, spool
 from .apns_auth import Auth, configure_sender, expiry_warning, load_auth, open_sender, reload_auth
 from .apns_sender import ApnsSender
 from .config import Config
@@ -462,6 +462,7 @@ def notify_ready() -> None:
 
 
 async def serve(config: Config) -> None:
+    directories.check(config)
     auth = load_auth(config.apns)
     store = open_store(config.database)
     service = Service(

@@ -20,7 +20,10 @@ from typing import Protocol
 
 import attrs
 
-SCHEMA_VERSION = 1
+from .mailboxes import upgrade
+
+# 2: mailbox names are stored in UTF-8, no longer as the client spelled them.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS registrations (
     username TEXT NOT NULL,
@@ -101,7 +104,27 @@ class SQLiteStore:
                 f" (schema {version}, this one knows {SCHEMA_VERSION})"
             )
         self._db.executescript(SCHEMA)
-        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        # Another process may be migrating the same file: decide inside the lock.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if 0 < version < 2:
+                self._decode_mailboxes()
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _decode_mailboxes(self) -> None:
+        rows = self._db.execute("SELECT rowid, mailboxes FROM registrations").fetchall()
+        for rowid, stored in rows:
+            names = json.loads(stored)
+            if (decoded := upgrade(names)) != names:
+                self._db.execute(
+                    "UPDATE registrations SET mailboxes = ? WHERE rowid = ?",
+                    (json.dumps(decoded), rowid),
+                )
 
     def close(self) -> None:
         self._db.close()

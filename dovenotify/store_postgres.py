@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from .mailboxes import upgrade
 from .store import COLUMNS, SCHEMA_VERSION, Registration, StoreError, _criteria
 
 T = TypeVar("T")
@@ -28,8 +29,22 @@ STATEMENT_TIMEOUT = 5.0
 # Any constant will do: it only has to be the same on every node.
 _MIGRATION_LOCK = 0x646F76656E6F74  # "dovenot"
 
-# Version n's statements turn a version n-1 database into version n.
-MIGRATIONS: dict[int, str] = {
+
+def _decode_mailboxes(db: psycopg.Connection[Any]) -> None:
+    rows = db.execute(
+        "SELECT username, account_id, device_token, mailboxes FROM registrations"
+    ).fetchall()
+    for username, account_id, device_token, names in rows:
+        if (decoded := upgrade(names)) != names:
+            db.execute(
+                "UPDATE registrations SET mailboxes = %s"
+                " WHERE username = %s AND account_id = %s AND device_token = %s",
+                (decoded, username, account_id, device_token),
+            )
+
+
+# Version n's statements (or function) turn a version n-1 database into version n.
+MIGRATIONS: dict[int, str | Callable[[psycopg.Connection[Any]], None]] = {
     1: """
     CREATE TABLE registrations (
         username TEXT NOT NULL,
@@ -44,6 +59,8 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX registrations_by_token ON registrations (device_token);
     """,
+    # Mailbox names stored in UTF-8, as Dovecot's events name them.
+    2: _decode_mailboxes,
 }
 
 
@@ -105,7 +122,11 @@ class PostgresStore:
                     f" (schema {version}, this one knows {SCHEMA_VERSION})"
                 )
             for step in range(version + 1, SCHEMA_VERSION + 1):
-                db.execute(MIGRATIONS[step])
+                migration = MIGRATIONS[step]
+                if isinstance(migration, str):
+                    db.execute(migration)
+                else:
+                    migration(db)
             if row is None:
                 db.execute("INSERT INTO dovenotify_schema VALUES (%s)", (SCHEMA_VERSION,))
             else:

@@ -13,6 +13,8 @@ import re
 
 import attrs
 
+from . import mailboxes as names
+
 SUBTOPIC = "com.apple.mobilemail"
 MAX_TOKEN_LENGTH = 200
 MAX_ACCOUNT_ID_LENGTH = 200
@@ -29,7 +31,10 @@ class Request:
     account_id: str
     device_token: str
     subtopic: str
+    # As the client spelled them, for the confirmation it expects.
     mailboxes: tuple[str, ...]
+    # The same in UTF-8, as Dovecot's events name them: what is stored and compared.
+    folders: tuple[str, ...]
 
 
 Value = str | list["Value"]
@@ -73,8 +78,12 @@ def _request(given: dict[str, Value]) -> Request:
         raise XapsError("mailboxes must be a non-empty list")
     if not all(isinstance(m, str) and m for m in mailboxes):
         raise XapsError("mailboxes must be a list of mailbox names")
-    names = tuple(dict.fromkeys(m for m in mailboxes if isinstance(m, str)))
-    return Request(account_id, token.lower(), subtopic, names)
+    spelled = tuple(dict.fromkeys(m for m in mailboxes if isinstance(m, str)))
+    try:
+        folders = names.decode_all(spelled)
+    except names.MailboxNameError as e:
+        raise XapsError(f"mailbox {e}") from None
+    return Request(account_id, token.lower(), subtopic, spelled, folders)
 
 
 def _text(given: dict[str, Value], key: str) -> str:

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .certificates import CertificateError, Credentials, load_credentials
+from .mailboxes import upgrade
 
 XAPSD_DIR = Path("/etc/xapsd")
 MAIL_CERTIFICATE_INDEX = 2  # calendar, contact, mail, mgmt, alerts
@@ -103,8 +104,10 @@ def _entry(user: str, account_id: str, account: object) -> Entry | str:
     mailboxes = account.get("Mailboxes")
     if not isinstance(mailboxes, list) or not all(isinstance(m, str) for m in mailboxes):
         mailboxes = []
-    # xapsd only ever pushed INBOX, whatever the device asked for.
-    return Entry(user, account_id, token.lower(), tuple(mailboxes) or ("INBOX",), _time(account))
+    # xapsd only ever pushed INBOX, whatever the device asked for. The C plugin
+    # passed the names on as iOS spelled them: stored in UTF-8, as the relay does.
+    names = tuple(upgrade(mailboxes)) or ("INBOX",)
+    return Entry(user, account_id, token.lower(), names, _time(account))
 
 
 def _time(account: Mapping[str, Any]) -> float | None:

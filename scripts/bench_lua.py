@@ -325,13 +325,10 @@ def _named_path(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser_comparing(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's parser with `--compare NAME=PATH`."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--deliveries", type=int, default=300, help="per user")
-    parser.add_argument(
-        "--dovecot-version", choices=("2.3", "2.4"), help="default: the host's Dovecot"
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--compare",
@@ -340,6 +337,15 @@ def main(argv: list[str] | None = None) -> None:
         default=[],
         metavar="NAME=PATH",
         help="another driver script to measure in the same rounds (repeatable)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = parser_comparing(__doc__)
+    parser.add_argument("--deliveries", type=int, default=300, help="per user")
+    parser.add_argument(
+        "--dovecot-version", choices=("2.3", "2.4"), help="default: the host's Dovecot"
     )
     args = parser.parse_args(argv)
     measure(args.deliveries, args.dovecot_version, dict(args.compare))

@@ -14,7 +14,6 @@ the time of each phase is given, so a change shows where it saves.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import itertools
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from dovenotify.cli import install_dovecot_files
 from dovenotify.lua_bytecode import dovecot_lua_library
-from scripts.bench_lua import HOOKS_ONLY, _named_path
+from scripts.bench_lua import HOOKS_ONLY, parser_comparing
 from scripts.bench_table import print_table
 
 PHASES = ("load script", "begin_txn", "event", "end_txn", "collect+close")
@@ -188,18 +187,8 @@ def measure(rounds: int, compare: Mapping[str, Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = parser_comparing(__doc__)
     parser.add_argument("--rounds", type=int, default=3000)
-    parser.add_argument(
-        "--compare",
-        type=_named_path,
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="another driver script to measure in the same rounds (repeatable)",
-    )
     args = parser.parse_args(argv)
     measure(args.rounds, dict(args.compare))
 

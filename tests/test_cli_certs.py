@@ -321,7 +321,7 @@ def xapsd_database(path: Path, apple: dict[str, Any] | None) -> Path:
                 "Accounts": {
                     ACCOUNTS[0]: {
                         "DeviceToken": TOKENS[0],
-                        "Mailboxes": ["INBOX", "Notes"],
+                        "Mailboxes": ["INBOX", "Notes", "Entw&APw-rfe"],
                         "RegistrationTime": RECENT,
                     },
                     ACCOUNTS[1]: {
@@ -380,7 +380,7 @@ def test_import_xapsd_with_apple_certs(test_pki: Pki, tmp_path: Path) -> None:
     }
     kept = listed[("alice@example.org", TOKENS[0])]
     assert kept["registered_at"] == f"{RECENT_AT.astimezone(UTC):%Y-%m-%dT%H:%M:%S+00:00}"
-    assert kept["mailboxes"] == ["INBOX", "Notes"]
+    assert kept["mailboxes"] == ["INBOX", "Notes", "Entwürfe"]  # as Dovecot's events name it
     assert kept["topic"] == topic
     for zero_or_missing in (("alice@example.org", TOKENS[1]), ("bob", TOKENS[2])):
         registered = listed[zero_or_missing]["registered_at"]

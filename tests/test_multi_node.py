@@ -6,6 +6,7 @@ import subprocess
 import psycopg
 import trio
 
+from dovenotify.store import SCHEMA_VERSION
 from tests.harness.dovecot import deliver, start_dovecot
 from tests.harness.postgres import postgres_server, postgres_url
 from tests.harness.service import dovenotify_command, run_service, write_config
@@ -26,7 +27,7 @@ async def test_db_migrate_creates_the_schema(tmp_path, postgres_url):
     for _ in range(2):  # and running it again changes nothing
         migrated = dovenotify("db", "migrate", "--config", str(config))
         assert migrated.returncode == 0, migrated.stderr
-        assert "schema version 1" in migrated.stdout
+        assert f"schema version {SCHEMA_VERSION}" in migrated.stdout
     with psycopg.connect(postgres_url) as db:
         assert db.execute("SELECT count(*) FROM registrations").fetchone() == (0,)
 

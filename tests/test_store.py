@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -11,7 +12,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dovenotify.store import SCHEMA_VERSION, Registration, StoreError, open_store
+from dovenotify.dispatch import wants
+from dovenotify.store import COLUMNS, SCHEMA, SCHEMA_VERSION, Registration, StoreError, open_store
+from dovenotify.store_postgres import MIGRATIONS
 from tests.harness.postgres import Postgres, postgres_server, postgres_url
 
 __all__ = ["postgres_server", "postgres_url"]
@@ -151,6 +154,49 @@ def test_a_newer_schema_is_refused_not_damaged(database):
     _set_newer_schema(database)()
     with pytest.raises(StoreError, match="newer dovenotify"):
         open_store(database)
+
+
+# What dovenotify stored before it decoded names: the client's spelling, as is.
+SPELLED = ["INBOX", "Entw&APw-rfe", "&g0l6Pw-", "Q&A", "Entwürfe"]
+
+
+def _write_version_1(database: str) -> None:
+    """A registration as a schema 1 database holds it (dovenotify before mailbox decoding)."""
+    row = ("alice", "ACC1", TOKEN_A, "com.apple.mail.XServer.x", 100.0)
+    if database.startswith("postgresql://"):
+        with psycopg.connect(database, autocommit=True) as db:
+            db.execute(MIGRATIONS[1])
+            db.execute("CREATE TABLE dovenotify_schema (version INTEGER NOT NULL)")
+            db.execute("INSERT INTO dovenotify_schema VALUES (1)")
+            values = ", ".join(["%s"] * 6)
+            db.execute(
+                f"INSERT INTO registrations ({COLUMNS}) VALUES ({values}, NULL, NULL)",
+                (*row[:4], SPELLED, row[4]),
+            )
+    else:
+        with contextlib.closing(sqlite3.connect(database)) as db, db:
+            db.executescript(SCHEMA)
+            db.execute("PRAGMA user_version=1")
+            db.execute(
+                f"INSERT INTO registrations ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                (*row[:4], json.dumps(SPELLED), row[4]),
+            )
+
+
+def test_registrations_stored_before_names_were_decoded_are_matched(database):
+    _write_version_1(database)
+    with contextlib.closing(open_store(database)) as store:
+        (device,) = store.devices("alice")
+    # Names that do not decode ("Q&A") were UTF-8 already; duplicates become one.
+    assert device.mailboxes == ("INBOX", "Entwürfe", "草稿", "Q&A")
+    assert [m for m in ("Entwürfe", "草稿", "Q&A", "Notes") if wants(device, m)] == [
+        "Entwürfe",
+        "草稿",
+        "Q&A",
+    ]
+    # Opening it again changes nothing: the schema version says it is done.
+    with contextlib.closing(open_store(database)) as store:
+        assert store.devices("alice") == [device]
 
 
 def test_postgres_nodes_starting_together_migrate_once(postgres_server: Postgres):

@@ -3,9 +3,11 @@
 
 # Dovecot and the Lua socket library the driver script uses; python3 is the
 # system Python the post-login helper runs under; debootstrap makes the chroot with
-# the other Dovecot version (tests/harness/chroot.py).
+# the other Dovecot version (tests/harness/chroot.py); mbsync (isync) and offlineimap3
+# are the real IMAP clients tests/test_clients.py syncs through the relay (they run
+# on the host against both Dovecot versions: a client needs no Dovecot beside it).
 TEST_PACKAGES=(dovecot-core dovecot-imapd dovecot-lmtpd dovecot-sieve lua-socket python3 python3-venv
-    supervisor debootstrap postgresql)
+    supervisor debootstrap postgresql isync offlineimap3)
 # The sender benchmark's HTTP/2 sink (nghttpd) and reference load generator (h2load).
 BENCH_PACKAGES=("${TEST_PACKAGES[@]}" nghttp2-server nghttp2-client)
 

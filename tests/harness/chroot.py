@@ -70,6 +70,11 @@ class Target:
     version: str  # Dovecot major.minor in the chroot
     codename: str  # Debian release that ships it
     packages: tuple[str, ...] = PACKAGES
+    # Roots for other purposes (the install test's) live beside, under a prefix of
+    # their own, so that building one never removes another as stale.
+    prefix: str = ""
+    # Kept when something in the root runs apt-get install (the install test).
+    keep_apt_lists: bool = False
 
     @property
     def key(self) -> str:
@@ -77,8 +82,12 @@ class Target:
         return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
     @property
+    def name(self) -> str:
+        return f"{self.prefix}{self.codename}"
+
+    @property
     def path(self) -> Path:
-        return CACHE / f"{self.codename}-{self.key}"
+        return CACHE / f"{self.name}-{self.key}"
 
 
 def other_target(host_version: str) -> Target:
@@ -262,7 +271,9 @@ def build(target: Target, log: Path) -> None:
                 f"(exit {result.returncode}); the end of {log}:\n" + "\n".join(tail)
             )
         # Downloaded packages and index files: 110 MB the tests never use.
-        for directory in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        apt_dirs = ["var/cache/apt/archives"]
+        apt_dirs += [] if target.keep_apt_lists else ["var/lib/apt/lists"]
+        for directory in apt_dirs:
             for entry in (work / directory).glob("*"):
                 if entry.is_file():
                     entry.unlink()
@@ -285,7 +296,7 @@ def ensure(target: Target, *, report=sys.stderr) -> Path:
     with _cache_lock():
         if is_built(target):
             return target.path
-        log = CACHE / f"{target.codename}.log"
+        log = CACHE / f"{target.name}.log"
         print(
             f"dovenotify tests: building a {target.codename} chroot with Dovecot "
             f"{target.version} in {target.path} (once; about a minute; log: {log}) ...",
@@ -301,7 +312,7 @@ def ensure(target: Target, *, report=sys.stderr) -> Path:
         )
         # Chroots from older recipes or package lists, and what killed builds left
         # (we hold the lock: no build is running): 300 MB each, never used again.
-        for stale in [*CACHE.glob(f"{target.codename}-*"), *CACHE.glob(f".{target.codename}-*")]:
+        for stale in [*CACHE.glob(f"{target.name}-*"), *CACHE.glob(f".{target.name}-*")]:
             if stale != target.path:
                 _remove_tree(stale)
     return target.path

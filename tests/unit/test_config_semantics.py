@@ -44,3 +44,18 @@ def test_values():
 def test_errors_name_the_problem(text, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse(text, PATH)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ('"0\'": 1\n', 'unknown key "0\'"'),
+        ('"a.b": 1\n', 'unknown key "a.b"'),
+        ('"red\\e[31m": 1\n', 'unknown key "red\\u001b[31m"'),
+        ("apns:\n  endpont: x\n", "unknown key 'apns.endpont' (did you mean 'apns.endpoint'?)"),
+    ],
+)
+def test_an_unknown_key_is_shown_unambiguously_and_escaped(text, shown):
+    with pytest.raises(ConfigError) as error:
+        parse(text, PATH)
+    assert str(error.value).endswith(shown)

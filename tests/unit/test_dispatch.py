@@ -20,6 +20,14 @@ def test_new_mail_pushes_now_only_devices_that_registered_the_mailbox():
     assert d.event(ev("MessageNew", "work"), [PHONE, IPAD], 0) == []
 
 
+def test_subfolders_of_inbox_match_as_dovecot_names_them():
+    sub = Registration("alice", "ACC3", "cc33", "topic", ("inbox.Sub",), registered_at=0)
+    d = Dispatcher()
+    # Dovecot upper-cases the INBOX part of the name in its events.
+    assert d.event(ev("MessageNew", "INBOX.Sub"), [PHONE, sub], 0) == [sub]
+    assert d.event(ev("MessageNew", "INBOX.sub"), [PHONE, sub], 0) == []
+
+
 def test_delayed_changes_coalesce_and_max_delay_bounds_them():
     d = Dispatcher(delay=30, max_delay=120)
     for t in range(0, 120, 10):  # a change every 10 s keeps postponing...

@@ -75,15 +75,17 @@ def test_the_driver_is_lua_bytecode_without_debug_information():
 @needs_lua
 def test_install_writes_the_driver_bytecode(tmp_path):
     shutil.copyfile(SOURCES / DRIVER, tmp_path / DRIVER)
-    assert install_bytecode(tmp_path, HOST_LUA) is None
+    assert install_bytecode(tmp_path, HOST_LUA) is True
     assert (tmp_path / BYTECODE).read_bytes() == compile_chunk(HOST_LUA, DRIVER, DRIVER_SOURCE)
     assert (tmp_path / BYTECODE).stat().st_mode & 0o777 == 0o644
+    # Unchanged, so `setup` does not report it again.
+    assert install_bytecode(tmp_path, HOST_LUA) is False
 
 
 def test_failed_install_removes_older_bytecode(tmp_path):
     # Bytecode of an older driver must not run in place of the new source.
     shutil.copyfile(SOURCES / DRIVER, tmp_path / DRIVER)
     (tmp_path / BYTECODE).write_bytes(b"\x1bLua old driver")
-    reason = install_bytecode(tmp_path, "liblua9.9.so.0")
-    assert reason is not None and "liblua9.9.so.0" in reason
+    with pytest.raises(BytecodeError, match=r"liblua9\.9\.so\.0"):
+        install_bytecode(tmp_path, "liblua9.9.so.0")
     assert not (tmp_path / BYTECODE).exists()

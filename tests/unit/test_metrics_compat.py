@@ -61,13 +61,20 @@ def test_credentials_refusal_sets_and_clears_health():
 def test_register_body_as_the_plugin_sends_it():
     call = parse_register(
         b'{"ApsAccountId":"A","ApsDeviceToken":"ABcd","ApsSubtopic":"com.apple.mobilemail",'
-        b'"Username":"Alice@Example.org","Mailboxes": ["INBOX","Notes"]}'
+        b'"Username":"Alice@Example.org","Mailboxes": ["INBOX","Notes","Entw&APw-rfe"]}'
     )
     assert (call.username, call.device_token, call.mailboxes) == (
         "alice@example.org",
         "abcd",
-        ("INBOX", "Notes"),
+        ("INBOX", "Notes", "Entwürfe"),  # as Dovecot's events name it
     )
+    with pytest.raises(
+        CompatError, match="Mailboxes: \"Entw&APw\" is not valid modified UTF-7: '&APw' starts"
+    ):
+        parse_register(
+            b'{"ApsAccountId":"A","ApsDeviceToken":"AB","ApsSubtopic":"com.apple.mobilemail",'
+            b'"Username":"alice","Mailboxes": ["Entw&APw"]}'
+        )
 
 
 @pytest.mark.parametrize(

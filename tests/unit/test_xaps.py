@@ -18,6 +18,7 @@ def test_ios_form():
         device_token="2918390218931890821908309283098109381029309829018310983092892829",
         subtopic="com.apple.mobilemail",
         mailboxes=("INBOX", "Notes"),
+        folders=("INBOX", "Notes"),
     )
 
 
@@ -71,4 +72,23 @@ def test_answer_confirms_each_mailbox_then_topic():
         b'* XAPPLEPUSHSERVICE "mailbox" "A \\"b\\""\r\n'
         b'* XAPPLEPUSHSERVICE aps-version "2" aps-topic "com.apple.mail.XServer.x"\r\n'
         b"A12 OK XAPPLEPUSHSERVICE completed.\r\n"
+    )
+
+
+def test_mailboxes_are_stored_in_utf8_and_confirmed_as_spelled():
+    line = IOS.replace(
+        b'("INBOX" "Notes")', b'("INBOX" "Entw&APw-rfe" "&g0l6Pw-" "Entw\xc3\xbcrfe")'
+    )
+    request = xaps.parse(line)
+    assert request.mailboxes == ("INBOX", "Entw&APw-rfe", "&g0l6Pw-", "Entwürfe")
+    # The UTF-8 spelling and the modified UTF-7 one are one folder, stored once.
+    assert request.folders == ("INBOX", "Entwürfe", "草稿")
+
+
+def test_malformed_modified_utf7_is_refused_naming_the_mailbox():
+    with pytest.raises(xaps.XapsError) as raised:
+        xaps.parse(IOS.replace(b'"Notes"', b'"Entw&APw"'))
+    assert str(raised.value) == (
+        'mailbox "Entw&APw" is not valid modified UTF-7:'
+        " '&APw' starts an encoded part but has no closing -"
     )

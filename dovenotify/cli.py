@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +22,7 @@ from . import (
     setup,
 )
 from . import config as configuration
+from .logsetup import escape_controls
 from .store import StoreError, iso, open_store
 from .usernames import UserKeys
 
@@ -37,10 +39,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except (configuration.ConfigError, StoreError, UsageError, ValueError) as e:
-        print(f"dovenotify: {e}", file=sys.stderr)
+        print(f"dovenotify: {escape_controls(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"dovenotify {args.command}: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        print(
+            f"dovenotify {args.command} failed: {escape_controls(_cause(e))}."
+            " This is a bug in dovenotify; please report it with this line.",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _cause(e: BaseException) -> str:
+    """An exception in one line: its kind and message, or a group's first one."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,6 +130,9 @@ def run_daemon(
 
     config = load_config(args)
     logsetup.configure(config.log_level, config.log_format)
+    # What the service creates (database, its journal, sockets' neighbours) is its
+    # own, whatever umask systemd, supervisord or a container gave it.
+    os.umask(0o077)
     try:
         trio.run(main, config)
     except certificates.CertificateError as e:
@@ -142,16 +166,9 @@ def _devices(args: argparse.Namespace) -> int:
     rows = [("USER", "ACCOUNT", "DEVICE", "MAILBOXES", "REGISTERED", "LAST PUSH")]
     for d in devices:
         last = f"{iso(d.last_push_at)} {d.last_push_result}" if d.last_push_at else "never"
-        rows.append(
-            (
-                d.username,
-                d.account_id,
-                d.device_token[:12] + "…",
-                ", ".join(d.mailboxes),
-                iso(d.registered_at),
-                last,
-            )
-        )
+        # Names come from IMAP clients: their control characters are shown escaped.
+        cells = (d.username, d.account_id, d.device_token[:12] + "…", ", ".join(d.mailboxes))
+        rows.append((*map(escape_controls, cells), iso(d.registered_at), escape_controls(last)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1])
@@ -185,6 +202,7 @@ def dovecot_snippet(config: configuration.Config, version: str) -> str:
         user_field=config.user_lookup,
         event_spool=config.event_spool,
         relay_only_field=config.relay_only_field,
+        event_spool_size=config.event_spool_size,
     )
 
 
@@ -192,6 +210,8 @@ def install_dovecot_files(directory: Path) -> list[Path]:
     """Copy the Lua scripts and helper where Dovecot's unprivileged users can read them,
     and precompile the Lua driver; return the files that changed."""
     source = Path(__file__).parent / "dovecot"
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"dovecot_files {directory} is a file; it must name a directory")
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
     changed = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from .logsetup import escape_controls
 from .relay import short_token
 from .store import open_store
 from .usernames import UserKeys
@@ -50,8 +51,9 @@ def _remove(args: argparse.Namespace) -> int:
         print("No registration matches; nothing was removed.")
         return 1
     for r in removed:
-        print(
+        line = (
             f"Removed {r.username} account {r.account_id} device {short_token(r.device_token)}"
             f" ({', '.join(r.mailboxes)})"
         )
+        print(escape_controls(line))
     return 0

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import json
 import logging
+import pwd
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
+import trio
 
 from .dispatch import wants
 from .events import Event
 from .httpserver import Request, Response
 from .mailboxes import MailboxNameError, decode_all
+from .peers import EventPolicy, Peer, Sender, tcp_peer_uid
 from .relay import store_registration
 from .store import Registration
+from .xaps import MAX_ACCOUNT_ID_LENGTH, token_problem
 
 log = logging.getLogger("dovenotify.compat")
 
@@ -96,8 +100,11 @@ def parse_register(body: bytes) -> Register:
     mailboxes = _texts(fields, "Mailboxes", required=True)
     if subtopic != SUBTOPIC:
         raise CompatError(f"unknown ApsSubtopic {subtopic!r}, expected {SUBTOPIC}")
-    if not all(c in "0123456789abcdefABCDEF" for c in device_token):
-        raise CompatError("ApsDeviceToken is not hexadecimal")
+    problem = token_problem(device_token)
+    if problem:
+        raise CompatError(f"ApsDeviceToken {problem}")
+    if len(account_id) > MAX_ACCOUNT_ID_LENGTH or not account_id.isprintable():
+        raise CompatError("ApsAccountId is not a valid account id")
     assert mailboxes is not None
     try:
         # The plugin passes the names on as iOS spelled them: stored in UTF-8, as
@@ -132,19 +139,48 @@ class CompatApi:
     register: Callable[[Registration], Awaitable[None]]
     devices: Callable[[str], Awaitable[list[Registration]]]
     event: Callable[[Event], Awaitable[None]]
+    # Who may ask for which user: the event socket's rule (peers.py).
+    policy: EventPolicy
+    user_key: Callable[[str], str]
 
     async def handle(self, request: Request) -> Response:
         if request.path not in ("/register", "/notify"):
             return Response(404, b"not found\n")
         if request.method != "POST":
             return Response(405, b"POST only\n")
+        sender = await self._sender(request)
+        if sender is None:
+            return Response(403, b"only Dovecot's mail processes may use this API\n")
         try:
-            if request.path == "/register":
-                return await self._register(parse_register(request.body))
-            return await self._notify(parse_notify(request.body))
+            call = (parse_register if request.path == "/register" else parse_notify)(request.body)
         except CompatError as e:
             log.warning("xapsd API: refused a %s request: %s", request.path, e)
             return Response(400, f"{e}\n".encode())
+        if not sender.may_send_for(call.username, self.user_key):
+            log.warning(
+                "xapsd API: refused a %s request for %r from %s: only root, Dovecot's"
+                " mail_uid and event_peers may ask for other users",
+                request.path,
+                call.username,
+                sender.describe(),
+            )
+            return Response(403, b"not for that user\n")
+        if isinstance(call, Register):
+            return await self._register(call)
+        return await self._notify(call)
+
+    async def _sender(self, request: Request) -> Sender | None:
+        uid = None
+        if request.peer is not None and request.local is not None:
+            uid = await trio.to_thread.run_sync(tcp_peer_uid, request.peer, request.local)
+        if uid is None:
+            log.warning("xapsd API: refused a request: cannot tell which local user sent it")
+            return None
+        sender = self.policy.sender(Peer(0, uid, _primary_gid(uid)))
+        if sender.any_user or sender.own is not None:
+            return sender
+        log.warning("xapsd API: refused a request from uid %d, which has no account here", uid)
+        return None
 
     async def _register(self, call: Register) -> Response:
         topic = self.topic()
@@ -169,3 +205,10 @@ class CompatApi:
                     Event(name=name, username=call.username, mailbox=call.mailbox, service="imap")
                 )
         return Response(status)
+
+
+def _primary_gid(uid: int) -> int:
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return -1

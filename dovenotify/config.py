@@ -83,11 +83,30 @@ class Config:
     # Dovecot services whose events push; doveadm (and dsync through it) is left
     # out because it replays changes the devices' own sessions already made.
     push_services: tuple[str, ...] = ("imap", "lmtp", "lda", "pop3")
-    # Who may send events (users or uids; @group or @gid for a group). None: anyone
-    # who can connect to the socket.
+    # Who may send events for any user (users or uids; @group or @gid for a group),
+    # besides root and Dovecot's mail_uid. Any other uid may send events only for
+    # the user whose account it is (system users).
     event_peers: tuple[str, ...] | None = None
-    # Where the Lua driver appends the events it could not send; drained by the service.
+    # The directory where the Lua driver appends the events it could not send, one
+    # file per uid; drained by the service.
     event_spool: Path = Path("/var/lib/dovenotify/events.spool")
+    # Bytes one uid's spool file may grow to; past it the driver stops appending
+    # and the service, once back, pushes every device that uid may send events for.
+    event_spool_size: int = 1024 * 1024
+    # Bounds on what one event connection may cost: bytes per line, lines, seconds.
+    event_line_max: int = 8192
+    event_connection_lines: int = 10000
+    event_connection_seconds: float = 2.0
+    # Event connections read at once, in all and per uid that may send only its own
+    # user's events (mail uids and root share the total).
+    event_connections: int = 256
+    event_connections_per_uid: int = 8
+    # A user's registrations beyond this many: the oldest give way.
+    registrations_per_user: int = 20
+    # Mailboxes one registration may ask pushes for; the rest are not pushed.
+    mailboxes_per_registration: int = 100
+    # Connections the HTTP endpoints (metrics_listen, compat_listen) serve at once.
+    http_connections: int = 64
     # Seconds a registration lasts unless the device registers again (iOS does at
     # every connection); older ones get no pushes and are deleted.
     registration_ttl: float = 30 * 86400.0
@@ -248,6 +267,15 @@ TOP_KEYS: dict[str, Check] = {
     "push_services": _words("Dovecot service names (imap, lmtp, lda, pop3, doveadm)"),
     "event_peers": _optional(_words("users or uids, and @groups or @gids")),
     "event_spool": _path,
+    "event_spool_size": _number(4096, 1024**3, integer=True),
+    "event_line_max": _number(512, 1024 * 1024, integer=True),
+    "event_connection_lines": _number(1, 10**7, integer=True),
+    "event_connection_seconds": _number(0.1, 60),
+    "event_connections": _number(1, 100000, integer=True),
+    "event_connections_per_uid": _number(1, 100000, integer=True),
+    "registrations_per_user": _number(1, 100000, integer=True),
+    "mailboxes_per_registration": _number(1, 100000, integer=True),
+    "http_connections": _number(1, 100000, integer=True),
     "registration_ttl": _number(60, 10 * 365 * 86400),
     "relay_only_field": _optional(_string("a userdb field name")),
     "retry_deadline": _number(0, 7 * 86400),

@@ -198,7 +198,7 @@ def check_sockets(f: Findings) -> Verdict:
             False,
             "; ".join(problems),
             f"start {_relay_runners(f.config)}; it creates the sockets (mode 0666) and the "
-            "event spool (0622); their directories must let Dovecot's users in",
+            "event spool directory (3733); their directories must let Dovecot's users in",
         )
     return Verdict(
         "sockets",
@@ -470,7 +470,8 @@ def dovecot_problems(
 
 
 def write_problem(path: Path, user: str, *, is_socket: bool) -> str | None:
-    """Why `user` could not connect to the socket (or append to the file) at `path`."""
+    """Why `user` could not connect to the socket (or make its file in the spool
+    directory) at `path`."""
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -479,8 +480,8 @@ def write_problem(path: Path, user: str, *, is_socket: bool) -> str | None:
         return f"{path}: {e.strerror}"
     if is_socket and not stat.S_ISSOCK(st.st_mode):
         return f"{path} is not a socket"
-    if not is_socket and not stat.S_ISREG(st.st_mode):
-        return f"{path} is not a file"
+    if not is_socket and not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
     try:
         entry = _user(user)
     except KeyError as e:
@@ -489,7 +490,7 @@ def write_problem(path: Path, user: str, *, is_socket: bool) -> str | None:
     for directory in reversed(path.parents):
         if not _may(directory.stat(), entry.pw_uid, groups, 0o1):
             return f"{user} cannot enter {directory}"
-    if not _may(st, entry.pw_uid, groups, 0o2):
+    if not _may(st, entry.pw_uid, groups, 0o2 if is_socket else 0o3):
         return (
             f"{user} may not write to {path} "
             f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {_name(st.st_uid)})"

@@ -21,6 +21,8 @@ DEFAULT_HELPER_COMMAND = ("/usr/bin/python3", "-I", "-S", "/usr/local/lib/doveno
 DEFAULT_EVENT_SOCKET = Path("/run/dovenotify/events.sock")
 DEFAULT_RELAY_SOCKET = Path("/run/dovenotify/relay.sock")
 DEFAULT_EVENT_SPOOL = Path("/var/lib/dovenotify/events.spool")
+# The Lua driver's own default for dovenotify_spool_size: only another value is written.
+DEFAULT_EVENT_SPOOL_SIZE = 1024 * 1024
 DEFAULT_EVENT_TIMEOUT = 0.2
 DEFAULT_RELAY_TIMEOUT = 0.5
 
@@ -61,6 +63,7 @@ def render(
     user_field: str | None = None,
     event_spool: Path = DEFAULT_EVENT_SPOOL,
     relay_only_field: str | None = None,
+    event_spool_size: int = DEFAULT_EVENT_SPOOL_SIZE,
 ) -> str:
     """The configuration snippet for Dovecot `version` ("2.3" or "2.4")."""
     if version not in VERSIONS:
@@ -83,6 +86,7 @@ def render(
             + (["--only-field", relay_only_field] if relay_only_field else [])
         ),
         "user_field": user_field,
+        "spool_size": None if event_spool_size == DEFAULT_EVENT_SPOOL_SIZE else event_spool_size,
     }
     return _render_23(**values) if version == "2.3" else _render_24(**values)
 
@@ -127,6 +131,7 @@ def _render_23(
     event_spool: str,
     helper: str,
     user_field: str | None,
+    spool_size: int | None,
 ) -> str:
     plugins = " ".join(PLUGINS)
     blocks = [_HEADER.format(version="2.3")]
@@ -161,13 +166,15 @@ plugin {{
   # Seconds a delivery may wait for dovenotify before the event goes to the
   # spool instead (with a warning in this log).
   dovenotify_timeout = {event_timeout}
-  # Where the script keeps events dovenotify could not take (it is down); it
-  # pushes for them when it is back.
+  # The directory where the script keeps events dovenotify could not take (it
+  # is down), one file per uid; it pushes for them when it is back.
   dovenotify_spool = {event_spool}
 """
     )
     if user_field:
         blocks.append(_LUA_23_USER_FIELD.format(user_field=user_field))
+    if spool_size:
+        blocks.append(f"  dovenotify_spool_size = {spool_size}\n")
     blocks.append("}\n")
     blocks.append(_postlogin(helper, "$default_internal_user"))
     return "".join(blocks)
@@ -181,6 +188,7 @@ def _render_24(
     event_spool: str,
     helper: str,
     user_field: str | None,
+    spool_size: int | None,
 ) -> str:
     plugins = "".join(f"    {p} = yes\n" for p in PLUGINS)
     protocol_blocks = "".join(
@@ -196,6 +204,7 @@ def _render_24(
         if user_field
         else ""
     )
+    spool_size_line = f"    dovenotify_spool_size = {spool_size}\n" if spool_size else ""
     return (
         _HEADER.format(version="2.4")
         + """
@@ -214,10 +223,10 @@ push_notification lua {{
     # Seconds a delivery may wait for dovenotify before the event goes to the
     # spool instead (with a warning in this log).
     dovenotify_timeout = {event_timeout}
-    # Where the script keeps events dovenotify could not take (it is down); it
-    # pushes for them when it is back.
+    # The directory where the script keeps events dovenotify could not take (it
+    # is down), one file per uid; it pushes for them when it is back.
     dovenotify_spool = {event_spool}
-{user_field_lines}  }}
+{user_field_lines}{spool_size_line}  }}
 }}
 """
         + _postlogin(helper, "$SET:default_internal_user")

@@ -67,7 +67,14 @@ async def open_endpoints(service: Service, relay: Relay | None) -> list[Endpoint
         (
             "compat_listen",
             config.compat_listen,
-            CompatApi(lambda: service.topic, service.register, devices, event).handle,
+            CompatApi(
+                lambda: service.topic,
+                service.register,
+                devices,
+                event,
+                service.event_policy,
+                service.usernames.key,
+            ).handle,
         ),
     ]
     if config.compat_listen is not None and len(service.topic.encode()) < PLUGIN_MIN_TOPIC:
@@ -95,10 +102,11 @@ async def open_endpoints(service: Service, relay: Relay | None) -> list[Endpoint
     return opened
 
 
-async def serve_endpoints(endpoints: list[Endpoint]) -> None:
+async def serve_endpoints(endpoints: list[Endpoint], limit: int) -> None:
+    """Each endpoint serves at most `limit` connections at once (http_connections)."""
     async with trio.open_nursery() as nursery:
         for listeners, handler in endpoints:
-            nursery.start_soon(serve_http, listeners, handler)
+            nursery.start_soon(serve_http, listeners, handler, limit)
 
 
 def _identity(config: Config) -> tuple[int, int] | None:

@@ -14,6 +14,9 @@ import re
 import attrs
 
 MAX_LINE = 8192
+# Only in spool files: the driver found its file full and kept no more. Its
+# username field names who it was for; mailbox is empty.
+SPOOL_FULL = "SpoolFull"
 KNOWN_EVENTS = frozenset(
     {
         "MessageNew",
@@ -24,6 +27,7 @@ KNOWN_EVENTS = frozenset(
         "MailboxCreate",
         "MailboxDelete",
         "MailboxRename",
+        SPOOL_FULL,
     }
 )
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -72,7 +76,8 @@ def decode_line(raw: bytes) -> Event | BadLine:
 class EventDecoder:
     """Splits a connection's bytes into events. Feed data; call `close()` at EOF."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_line: int = MAX_LINE) -> None:
+        self.max_line = max_line
         self._buffer = bytearray()
         self._skipping = False  # inside an oversized line, dropping until its end
 
@@ -82,8 +87,8 @@ class EventDecoder:
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:
-                if len(self._buffer) > MAX_LINE and not self._skipping:
-                    out.append(BadLine(f"line longer than {MAX_LINE} bytes", _head(self._buffer)))
+                if len(self._buffer) > self.max_line and not self._skipping:
+                    out.append(BadLine(self._too_long(), _head(self._buffer)))
                     self._skipping = True
                 if self._skipping:
                     self._buffer.clear()
@@ -92,10 +97,13 @@ class EventDecoder:
             del self._buffer[: end + 1]
             if self._skipping:
                 self._skipping = False
-            elif len(line) > MAX_LINE:
-                out.append(BadLine(f"line longer than {MAX_LINE} bytes", _head(line)))
+            elif len(line) > self.max_line:
+                out.append(BadLine(self._too_long(), _head(line)))
             elif line:
                 out.append(decode_line(line))
+
+    def _too_long(self) -> str:
+        return f"line longer than {self.max_line} bytes"
 
     def close(self) -> list[BadLine]:
         """An unterminated last line was cut off by the sender's timeout: drop it."""

@@ -14,11 +14,18 @@ import attrs
 import h11
 import trio
 
+from .listening import serve_limited
+
 log = logging.getLogger("dovenotify.http")
 
 MAX_BODY = 64 * 1024
-IDLE_TIMEOUT = 60.0
+# Short, because connections are capped: idle ones give their place up soon.
+IDLE_TIMEOUT = 10.0
+DEFAULT_CONNECTIONS = 64
 SERVER = b"dovenotify"
+
+
+Address = tuple[str, int]
 
 
 @attrs.frozen
@@ -26,6 +33,9 @@ class Request:
     method: str
     path: str
     body: bytes
+    # The TCP connection's two ends (host, port), to tell who is asking.
+    peer: Address | None = None
+    local: Address | None = None
 
 
 @attrs.frozen
@@ -42,21 +52,27 @@ class _TooLarge(Exception):
     pass
 
 
-async def serve_http(listeners: list[trio.SocketListener], handle: Handler) -> None:
-    await trio.serve_listeners(lambda stream: _connection(stream, handle), listeners)
+async def serve_http(
+    listeners: list[trio.SocketListener], handle: Handler, limit: int = DEFAULT_CONNECTIONS
+) -> None:
+    """Serve; past `limit` open connections, new ones wait until one closes."""
+    await serve_limited(
+        listeners, lambda stream: _connection(stream, handle), limit, "HTTP connections"
+    )
 
 
 async def open_listeners(host: str, port: int) -> list[trio.SocketListener]:
     return await trio.open_tcp_listeners(port, host=host)
 
 
-async def _connection(stream: trio.abc.Stream, handle: Handler) -> None:
+async def _connection(stream: trio.SocketStream, handle: Handler) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
+    ends = _ends(stream)
     async with stream:
         while True:
             try:
                 with trio.fail_after(IDLE_TIMEOUT):
-                    request = await _read_request(conn, stream)
+                    request = await _read_request(conn, stream, ends)
             except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             except h11.RemoteProtocolError as e:
@@ -84,7 +100,19 @@ async def _connection(stream: trio.abc.Stream, handle: Handler) -> None:
                 return
 
 
-async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> Request | None:
+def _ends(stream: trio.SocketStream) -> tuple[Address | None, Address | None]:
+    try:
+        peer, local = stream.socket.getpeername(), stream.socket.getsockname()
+    except OSError:
+        return None, None
+    return (peer[0], peer[1]), (local[0], local[1])
+
+
+async def _read_request(
+    conn: h11.Connection,
+    stream: trio.abc.Stream,
+    ends: tuple[Address | None, Address | None],
+) -> Request | None:
     head: h11.Request | None = None
     body = bytearray()
     while True:
@@ -104,7 +132,7 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> Reques
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None
             path = head.target.decode("ascii", "replace").split("?", 1)[0]
-            return Request(head.method.decode("ascii", "replace"), path, bytes(body))
+            return Request(head.method.decode("ascii", "replace"), path, bytes(body), *ends)
 
 
 async def _try_send(conn: h11.Connection, stream: trio.abc.Stream, response: Response) -> bool:

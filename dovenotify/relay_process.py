@@ -46,7 +46,11 @@ async def run(config: Config) -> None:
     store = open_store(config.database)
     try:
         register = functools.partial(
-            register_keyed, store, UserKeys(config.username_format, config.default_domain)
+            register_keyed,
+            store,
+            UserKeys(config.username_format, config.default_domain),
+            per_user=config.registrations_per_user,
+            mailboxes=config.mailboxes_per_registration,
         )
         # The lambda reads `auth` when asked, so a reload changes the topic told.
         the_relay, listener = open_relay(config, lambda: auth.topic, register)

@@ -7,7 +7,9 @@ credentials again (a replaced certificate) and resumes sending if it was paused.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -25,23 +27,25 @@ from .apns_sender import ApnsSender
 from .config import Config
 from .dispatch import Dispatcher
 from .endpoints import open_endpoints, serve_endpoints
-from .events import BadLine, Event, EventDecoder
+from .events import SPOOL_FULL, BadLine, Event, EventDecoder
+from .listening import Acceptor
 from .metrics import Metrics
 from .outbox import Gate, Outbox
-from .peers import PeerRule, peer_of
+from .peers import EventPolicy, Peer, PeerRule, Sender, peer_of
 from .registration_expiry import sweep_expired, unexpired
 from .store import Registration, Store, StoreError, open_store
 from .usernames import UserKeys
 
 log = logging.getLogger("dovenotify")
 
-EVENT_CONNECTION_TIMEOUT = 10.0
-# Each open event connection holds a task and its buffers. Past this many, new
-# ones wait in the listen queue, and a Lua driver that waits past its timeout
-# spools its lines: a burst costs latency, never unbounded memory.
-MAX_EVENT_CONNECTIONS = 256
+# How long a connection past its uid's share (event_connections_per_uid) is read.
+OVER_SHARE_SECONDS = 0.05
+# Bad lines logged per connection or spool file; the rest are counted.
+LOGGED_BAD_LINES = 10
+# Distinct spooled lines remembered while draining, to handle each once.
+SPOOL_DISTINCT = 10000
 # How often the spool is checked for events the Lua driver could not send us
-# (e.g. while this process was stopped): a stat() of one file.
+# (e.g. while this process was stopped): one small directory listing.
 SPOOL_CHECK_INTERVAL = 2.0
 # Time for a writer that opened the spool just before a drain to finish its append.
 SPOOL_GRACE = 0.5
@@ -49,6 +53,69 @@ SEND_CONCURRENCY = 64
 DRAIN_TIMEOUT = 10.0
 EXPIRY_CHECK_INTERVAL = 3600.0
 NOT_FOR_TOPIC = apns.Action.TOKEN_NOT_FOR_TOPIC.value
+
+
+@attrs.define
+class Tally:
+    """What one event connection or spool file brought, for one line in the log."""
+
+    # Asked at the first problem: False if this sender's problems were logged
+    # within the minute, so not again yet.
+    may_log: Callable[[], bool] = lambda: True
+    _loud: bool | None = None
+    lines: int = 0
+    bad: int = 0
+    refused: dict[str, None] = attrs.field(factory=dict)
+    refused_count: int = 0
+
+    def refuse(self, username: str) -> None:
+        self.refused_count += 1
+        if len(self.refused) < 3:
+            self.refused[username] = None
+
+    @property
+    def loud(self) -> bool:
+        if self._loud is None:
+            self._loud = self.may_log()
+        return self._loud
+
+    def report(self, sender: Sender) -> None:
+        if not (self.bad or self.refused_count) or not self.loud:
+            return
+        if self.bad > LOGGED_BAD_LINES:
+            log.warning(
+                "skipped %d more bad event lines from %s",
+                self.bad - LOGGED_BAD_LINES,
+                sender.describe(),
+            )
+        if self.refused_count:
+            log.warning(
+                "refused %d event(s) from %s for other users (%s): a uid that is not"
+                " root, Dovecot's mail_uid or in event_peers may send events only for"
+                " its own user",
+                self.refused_count,
+                sender.describe(),
+                ", ".join(self.refused),
+            )
+
+
+@attrs.define
+class Quiet:
+    """Whose problems were logged lately: a peer that misbehaves in a loop (a new
+    connection each time) gets its lines in the log once a minute, not each time."""
+
+    window: float = 60.0
+    _last: dict[int, float] = attrs.field(factory=dict)
+
+    def loud(self, uid: int) -> bool:
+        now = trio.current_time()
+        last = self._last.get(uid)
+        if last is not None and now - last < self.window:
+            return False
+        if len(self._last) > 10000:  # uids are few; bounded all the same
+            self._last.clear()
+        self._last[uid] = now
+        return True
 
 
 @attrs.define
@@ -62,7 +129,8 @@ class Service:
     gate: Gate = attrs.field(factory=Gate)
     metrics: Metrics = attrs.field(factory=Metrics)
     usernames: UserKeys = attrs.field(factory=UserKeys)
-    event_peers: PeerRule | None = None
+    event_policy: EventPolicy = attrs.field(factory=lambda: EventPolicy(PeerRule.parse(())))
+    _quiet: Quiet = attrs.field(factory=Quiet)
     _expiry_warned: int | None = None
     _wakeup: trio.Event = attrs.field(factory=trio.Event)
     _progress: trio.Event = attrs.field(factory=trio.Event)
@@ -70,54 +138,161 @@ class Service:
     # --- events ----------------------------------------------------------
 
     async def serve_events(self, listener: trio.SocketListener) -> None:
+        config = self.config
+        acceptor = Acceptor(listener, "event connections")
         # A semaphore, not a CapacityLimiter: the connection's task releases it.
-        room = trio.Semaphore(MAX_EVENT_CONNECTIONS)
+        room = trio.Semaphore(config.event_connections)
+        # Connections open per uid that is not a mail uid: held for up to
+        # event_connection_seconds, and past those glimpsed for OVER_SHARE_SECONDS.
+        held: collections.Counter[int] = collections.Counter()
+        glimpsed: collections.Counter[int] = collections.Counter()
+        crowded: set[int] = set()  # uids told about their share
         async with trio.open_nursery() as nursery:
             while True:
                 await room.acquire()
-                stream = await listener.accept()
-                if self._event_peer_allowed(stream):
-                    nursery.start_soon(self._read_events, stream, room)
-                else:
+                stream = await acceptor.accept()
+                sender = self._event_sender(stream)
+                if sender is None:
                     await stream.aclose()
                     room.release()
+                    continue
+                uid = sender.peer.uid
+                share = config.event_connections_per_uid
+                if sender.any_user:
+                    # Mail uids and root share the total.
+                    nursery.start_soon(self._read_events, stream, sender, room, None)
+                elif held[uid] < share:
+                    crowded.discard(uid)
+                    held[uid] += 1
+                    nursery.start_soon(self._read_events, stream, sender, room, held)
+                else:
+                    # Past its share, a uid's connection takes no place of the total
+                    # and is read only for what it has already sent (a driver's
+                    # lines queued while we were busy): idle ones hold nothing.
+                    room.release()
+                    if uid not in crowded:
+                        crowded.add(uid)
+                        log.warning(
+                            "%s has %d event connections open, all event_connections_per_uid"
+                            " allows: more are read only for what they have already sent",
+                            sender.describe(),
+                            held[uid],
+                        )
+                    if glimpsed[uid] < share:
+                        glimpsed[uid] += 1
+                        nursery.start_soon(self._read_events, stream, sender, None, glimpsed)
+                    else:
+                        await stream.aclose()
 
-    def _event_peer_allowed(self, stream: trio.SocketStream) -> bool:
-        if self.event_peers is None:
-            return True
-        peer = peer_of(stream.socket)  # type: ignore[arg-type]
-        if self.event_peers.allows(peer):
-            return True
+    def _event_sender(self, stream: trio.SocketStream) -> Sender | None:
+        try:
+            peer = peer_of(stream.socket)  # type: ignore[arg-type]
+        except OSError:
+            return None
+        sender = self.event_policy.sender(peer)
+        if sender.any_user or sender.own is not None:
+            return sender
         log.warning(
-            "refused events from pid %d (uid %d, gid %d): event_peers allows only %s",
-            peer.pid,
-            peer.uid,
-            peer.gid,
-            self.event_peers.describe(),
+            "refused events from %s: that uid has no account here and is not one that"
+            " may send events for any user (root, Dovecot's mail_uid, event_peers: %s)",
+            sender.describe(),
+            self.event_policy.privileged.describe(),
         )
-        return False
+        return None
 
-    async def _read_events(self, stream: trio.SocketStream, room: trio.Semaphore) -> None:
-        decoder = EventDecoder()
-        items: list[Event | BadLine] = []
+    async def _read_events(
+        self,
+        stream: trio.SocketStream,
+        sender: Sender,
+        room: trio.Semaphore | None,
+        per_uid: collections.Counter[int] | None,
+    ) -> None:
+        """Handle each line as it arrives, within the bounds on a connection; one
+        without a `room` (past its uid's share) only for what it has already sent."""
+        seconds = self.config.event_connection_seconds if room is not None else OVER_SHARE_SECONDS
+        config = self.config
+        decoder = EventDecoder(config.event_line_max)
+        tally = Tally(functools.partial(self._quiet.loud, sender.peer.uid))
+        problem = None
+        # Only the peer's time is bounded: handling a line (the store) is ours.
+        deadline = trio.current_time() + seconds
         try:
             async with stream:
-                with trio.move_on_after(EVENT_CONNECTION_TIMEOUT):
-                    while data := await _receive(stream):
-                        items += decoder.feed(data)
-            items += decoder.close()
-            await self._handle_items(items)
+                while True:
+                    with trio.move_on_at(deadline) as timer:
+                        data = await _receive(stream)
+                    if timer.cancelled_caught:
+                        problem = f"it was still open after {seconds:g} s"
+                        if seconds == config.event_connection_seconds:
+                            problem += " (event_connection_seconds)"
+                        break
+                    if not data:
+                        for item in decoder.close():
+                            await self._handle_item(item, sender, tally)
+                        break
+                    room_left = config.event_connection_lines - tally.lines
+                    items = decoder.feed(data)
+                    for item in items[:room_left]:
+                        await self._handle_item(item, sender, tally)
+                    if len(items) > room_left:
+                        problem = (
+                            f"it sent more than {config.event_connection_lines} lines"
+                            " (event_connection_lines)"
+                        )
+                        break
         finally:
-            room.release()
+            if room is not None:
+                room.release()
+            if per_uid is not None:
+                per_uid[sender.peer.uid] -= 1
+                if not per_uid[sender.peer.uid]:
+                    del per_uid[sender.peer.uid]
+        if problem and tally.loud:
+            log.warning(
+                "closed an event connection from %s: %s; what else it sent is dropped",
+                sender.describe(),
+                problem,
+            )
+        tally.report(sender)
 
-    async def _handle_items(self, items: list[Event | BadLine], *, late: bool = False) -> None:
-        for item in items:
-            if isinstance(item, BadLine):
-                self.metrics.dropped(item)
+    async def _handle_item(
+        self, item: Event | BadLine, sender: Sender, tally: Tally, *, late: bool = False
+    ) -> None:
+        tally.lines += 1
+        if isinstance(item, BadLine):
+            self.metrics.dropped(item)
+            tally.bad += 1
+            if tally.loud and tally.bad <= LOGGED_BAD_LINES:
                 where = "a spooled" if late else "an"
                 log.warning("skipped %s event line: %s: %r", where, item.reason, item.excerpt)
-            else:
-                await self.handle_event(item, late=late)
+            return
+        if not sender.may_send_for(item.username, self.usernames.key):
+            tally.refuse(item.username)
+            return
+        if item.name == SPOOL_FULL:
+            if late:
+                await self.push_everyone(sender)
+            return
+        await self.handle_event(item, late=late)
+
+    async def push_everyone(self, sender: Sender) -> None:
+        """Push every device `sender` may send events for: what it spooled was cut short."""
+        user = None if sender.any_user else self.usernames.key(sender.own or "")
+        try:
+            devices = await trio.to_thread.run_sync(self.store.devices, user)
+        except StoreError as e:
+            log.error("cannot push after a full spool: cannot read registrations: %s", e)
+            return
+        devices = unexpired(devices, self.config.registration_ttl, time.time())
+        log.warning(
+            "the spool of %s was full or not its own: pushing %d device(s) it may send events"
+            " for, since which changed is not known",
+            sender.describe(),
+            len(devices),
+        )
+        for device in devices:
+            self.outbox.submit(device)
+        self._wakeup.set()
 
     async def handle_event(self, event: Event, *, late: bool = False) -> None:
         if event.service not in self.config.push_services:
@@ -143,24 +318,78 @@ class Service:
     async def drain_spool(self) -> None:
         """Push for the events the Lua driver spooled while it could not reach us."""
         path = self.config.event_spool
+        old = spool.legacy(path)
+        if old.exists():
+            # An older dovenotify's single file, written as the mail uid.
+            anyone = Sender(Peer(0, 0, 0), True, None)
+            await self._drain_file(spool.Spooled(old, 0, 0, None), anyone)
         problem = None
         while True:
             try:
                 found = await trio.to_thread.run_sync(spool.set_aside, path)
-                if found:
-                    await trio.sleep(SPOOL_GRACE)
-                    items = await trio.to_thread.run_sync(spool.take_aside, path)
                 problem = None
             except OSError as e:
-                found = False
+                found = []
                 if str(e) != problem:  # once, not every few seconds
                     problem = str(e)
                     log.warning("cannot drain the event spool %s: %s", path, e)
             if found:
-                count = sum(isinstance(item, Event) for item in items)
-                log.info("%d event(s) from the spool, made while dovenotify was away", count)
-                await self._handle_items(items, late=True)
+                # A writer that opened a file just before it was renamed finishes
+                # its one append.
+                await trio.sleep(SPOOL_GRACE)
+            for spooled in found:
+                sender = self.event_policy.sender(Peer(0, spooled.uid, spooled.gid))
+                if spooled.squatted:
+                    # Another uid made the file first: its lines may be anyone's,
+                    # and the uid it is named for may have lost its own.
+                    named = Peer(0, spooled.named_uid or 0, spooled.gid)
+                    await self.push_everyone(self.event_policy.sender(named))
+                    await trio.to_thread.run_sync(spooled.path.unlink)
+                    continue
+                await self._drain_file(spooled, sender)
             await trio.sleep(SPOOL_CHECK_INTERVAL)
+
+    async def _drain_file(self, spooled: spool.Spooled, sender: Sender) -> None:
+        decoder = EventDecoder(self.config.event_line_max)
+        tally = Tally()
+        # The driver stops at event_spool_size; a uid writing its file itself may
+        # not, and is read no further than the driver would have written.
+        budget = self.config.event_spool_size + self.config.event_line_max
+        # Lines repeat (a user's INBOX, delivery after delivery): each distinct one
+        # is handled once, remembering a bounded number of them.
+        seen: dict[Event | BadLine, None] = {}
+        try:
+            with contextlib.closing(spool.chunks(spooled.path)) as chunks:
+                while budget > 0 and (chunk := await trio.to_thread.run_sync(next, chunks, b"")):
+                    budget -= len(chunk)
+                    for item in decoder.feed(chunk):
+                        if item in seen:
+                            continue
+                        if len(seen) >= SPOOL_DISTINCT:
+                            seen.clear()
+                        seen[item] = None
+                        await self._handle_item(item, sender, tally, late=True)
+        except OSError as e:
+            log.warning("cannot read the spooled events in %s: %s", spooled.path, e)
+        with contextlib.suppress(OSError):
+            spooled.path.unlink()
+        if budget <= 0:
+            log.warning(
+                "the spool of %s is bigger than event_spool_size (%d bytes): the rest of it"
+                " is not read",
+                sender.describe(),
+                self.config.event_spool_size,
+            )
+            await self.push_everyone(sender)
+        else:
+            for item in decoder.close():
+                await self._handle_item(item, sender, tally, late=True)
+        log.info(
+            "%d event line(s) from the spool of %s, made while dovenotify was away",
+            tally.lines,
+            sender.describe(),
+        )
+        tally.report(sender)
 
     @property
     def topic(self) -> str:
@@ -169,7 +398,13 @@ class Service:
     # --- registrations ---------------------------------------------------
 
     async def register(self, registration: Registration) -> None:
-        await register_keyed(self.store, self.usernames, registration)
+        await register_keyed(
+            self.store,
+            self.usernames,
+            registration,
+            per_user=self.config.registrations_per_user,
+            mailboxes=self.config.mailboxes_per_registration,
+        )
 
     # --- sending ---------------------------------------------------------
 
@@ -405,10 +640,48 @@ async def _receive(stream: trio.SocketStream) -> bytes:
         return b""
 
 
-async def register_keyed(store: Store, usernames: UserKeys, registration: Registration) -> None:
-    """Store a registration under the user key that events are matched by."""
-    user = usernames.key(registration.username)
-    await trio.to_thread.run_sync(store.register, attrs.evolve(registration, username=user))
+async def register_keyed(
+    store: Store,
+    usernames: UserKeys,
+    registration: Registration,
+    *,
+    per_user: int,
+    mailboxes: int,
+) -> None:
+    """Store a registration under the user key that events are matched by, within the
+    bounds: `mailboxes` per registration, `per_user` registrations (the oldest go)."""
+    if len(registration.mailboxes) > mailboxes:
+        log.warning(
+            "%s asked pushes for %d mailboxes; only the first %d are pushed"
+            " (mailboxes_per_registration)",
+            _who(registration),
+            len(registration.mailboxes),
+            mailboxes,
+        )
+    registration = attrs.evolve(
+        registration,
+        username=usernames.key(registration.username),
+        mailboxes=registration.mailboxes[:mailboxes],
+    )
+    await trio.to_thread.run_sync(_register_bounded, store, registration, per_user)
+
+
+def _register_bounded(store: Store, registration: Registration, per_user: int) -> None:
+    store.register(registration)
+    others = [d for d in store.devices(registration.username) if d.key != registration.key]
+    surplus = len(others) + 1 - per_user
+    if surplus <= 0:
+        return
+    for old in sorted(others, key=lambda d: d.registered_at)[:surplus]:
+        store.remove(
+            username=old.username, account_id=old.account_id, device_token=old.device_token
+        )
+    log.warning(
+        "%s has more than %d registrations (registrations_per_user): removed the %d oldest",
+        registration.username,
+        per_user,
+        surplus,
+    )
 
 
 def open_relay(
@@ -422,7 +695,8 @@ def open_relay(
 
 
 def unix_listener(path: Path, mode: int) -> trio.SocketListener:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    # Anyone may reach the sockets; who may use them is checked by SO_PEERCRED.
+    spool.make_dirs(path.parent, 0o755)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -473,7 +747,7 @@ async def serve(config: Config) -> None:
         outbox=Outbox(retry_deadline=config.retry_deadline),
         dispatcher=Dispatcher(delay=config.delay, max_delay=config.max_delay),
         usernames=UserKeys(config.username_format, config.default_domain),
-        event_peers=PeerRule.parse(config.event_peers) if config.event_peers else None,
+        event_policy=EventPolicy.build(config.event_peers),
     )
     service.check_expiry()
     # relay_process: separate leaves the relay socket, and its sessions, to `dovenotify relay`.
@@ -485,14 +759,14 @@ async def serve(config: Config) -> None:
     bound = {path: socket_file(path) for path in sockets}
     endpoints = await open_endpoints(service, the_relay)
     try:
-        spool.create(config.event_spool)
+        problem = spool.create(config.event_spool)
     except OSError as e:
-        log.warning(
-            "cannot create the event spool %s (%s): events sent while dovenotify is"
-            " down will be lost",
-            config.event_spool,
-            e.strerror,
+        problem = (
+            f"cannot create the event spool {config.event_spool} ({e.strerror or e}):"
+            " events sent while dovenotify is down will be lost"
         )
+    if problem:
+        log.warning("%s", problem)
     try:
         # The sender's connection runs in its own nursery, closed after this one.
         async with service.sender, trio.open_nursery() as nursery:
@@ -500,7 +774,7 @@ async def serve(config: Config) -> None:
             if the_relay is not None:
                 nursery.start_soon(the_relay.serve, relayed)
             nursery.start_soon(service.run_sender)
-            nursery.start_soon(serve_endpoints, endpoints)
+            nursery.start_soon(serve_endpoints, endpoints, config.http_connections)
             nursery.start_soon(sweep_expired, store, config.registration_ttl)
             nursery.start_soon(service.watch_expiry)
             nursery.start_soon(service.drain_spool)

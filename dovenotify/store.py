@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -76,6 +77,16 @@ class Registration:
         }
 
 
+def _keep_private(path: Path) -> None:
+    """Registrations (names, tokens, folders) are nobody else's business: a database
+    an older dovenotify left readable (0644) is made owner-only, journal included."""
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            st = file.stat()
+            if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+                file.chmod(st.st_mode & 0o700)
+
+
 def iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds")
 
@@ -92,6 +103,7 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._migrate()
+            _keep_private(path)
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"{path}: cannot open the registration database: {e}") from e
         self._lock = threading.Lock()

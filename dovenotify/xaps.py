@@ -64,10 +64,9 @@ def _request(given: dict[str, Value]) -> Request:
     if len(account_id) > MAX_ACCOUNT_ID_LENGTH or not account_id.isprintable():
         raise XapsError("aps-account-id is not a valid account id")
     token = _text(given, "aps-device-token")
-    if len(token) > MAX_TOKEN_LENGTH:
-        raise XapsError(f"aps-device-token is longer than {MAX_TOKEN_LENGTH} characters")
-    if not HEX.fullmatch(token):
-        raise XapsError("aps-device-token must be hexadecimal")
+    problem = token_problem(token)
+    if problem:
+        raise XapsError(f"aps-device-token {problem}")
     subtopic = _text(given, "aps-subtopic")
     if subtopic != SUBTOPIC:
         raise XapsError(f"aps-subtopic must be {SUBTOPIC}")
@@ -84,6 +83,16 @@ def _request(given: dict[str, Value]) -> Request:
     except names.MailboxNameError as e:
         raise XapsError(f"mailbox {e}") from None
     return Request(account_id, token.lower(), subtopic, spelled, folders)
+
+
+def token_problem(token: str) -> str | None:
+    """What is wrong with a device token, if anything: APNs takes whole bytes in hex,
+    at most 100 of them (today's are 32)."""
+    if len(token) > MAX_TOKEN_LENGTH:
+        return f"is longer than {MAX_TOKEN_LENGTH} characters"
+    if not HEX.fullmatch(token) or len(token) % 2:
+        return "must be hexadecimal, two digits per byte"
+    return None
 
 
 def _text(given: dict[str, Value], key: str) -> str:

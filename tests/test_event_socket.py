@@ -2,8 +2,8 @@
 
 Bad lines (malformed, oversized, cut off) are logged once each with the reason
 and skipped, and the listener goes on. With `event_peers`, a process that is not
-the mail uid (or root) is refused by its SO_PEERCRED credentials, while Dovecot's
-own events still push.
+the mail uid (or root) may send events only for its own account's user, by its
+SO_PEERCRED credentials, while Dovecot's own events still push.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ import socket
 import subprocess
 from pathlib import Path
 
+import attrs
 import trio
 
+from dovenotify.config import Config
 from dovenotify.events import MAX_LINE
-from dovenotify.service import MAX_EVENT_CONNECTIONS
 from tests.harness.dovecot import deliver, installation
 from tests.harness.stack import Stack, run_stack
 
@@ -26,6 +27,7 @@ TOKEN = "ab" * 32
 MESSAGE = b"Subject: hello\r\n\r\nhi\r\n"
 # An unprivileged uid other than the mail user (nobody): daemon.
 STRANGER_UID = 1
+MAX_EVENT_CONNECTIONS = attrs.fields(Config).event_connections.default
 
 
 async def register(stack: Stack) -> None:
@@ -68,7 +70,7 @@ async def test_bad_lines_are_logged_once_and_skipped(test_pki, dovecot_version):
         assert len(stack.standin.requests) == 1
 
 
-async def test_only_event_peers_may_send_events(test_pki, dovecot_version):
+async def test_only_event_peers_may_send_events_for_other_users(test_pki, dovecot_version):
     mail_uid = installation(dovecot_version).uid("nobody")
     settings = {"event_peers": [str(mail_uid)]}
     async with run_stack(test_pki, settings, version=dovecot_version) as stack:
@@ -87,8 +89,8 @@ async def test_only_event_peers_may_send_events(test_pki, dovecot_version):
                 capture_output=True,
             )
         )
-        await stack.service.wait_for_log(f"(uid {STRANGER_UID}, gid {STRANGER_UID})")
-        assert "event_peers allows only root, " in stack.service.log_text()
+        await stack.service.wait_for_log(f"(uid {STRANGER_UID} (daemon), gid {STRANGER_UID})")
+        assert "refused 1 event(s) from pid " in stack.service.log_text()
         assert stack.standin.requests == []
         # Dovecot's delivery (as the mail uid) still pushes.
         await trio.to_thread.run_sync(deliver, stack.dovecot, "alice", MESSAGE)
@@ -106,7 +108,8 @@ def open_sockets(pid: int) -> int:
 
 
 async def test_a_flood_of_event_connections_is_held_at_the_limit(test_pki):
-    async with run_stack(test_pki, version=None) as stack:
+    # Held open for the whole test, not closed at event_connection_seconds.
+    async with run_stack(test_pki, {"event_connection_seconds": 60}, version=None) as stack:
         await register(stack)
         path, pid = stack.settings["event_socket"], stack.service.process.pid
         before = open_sockets(pid)

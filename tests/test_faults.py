@@ -43,6 +43,9 @@ MAIL = b"Subject: fault\r\n\r\nhello\r\n"
 EVENT_TIMEOUT = 0.2
 RELAY_TIMEOUT = 0.5
 
+# registrations_per_user for tests that register many devices for one user.
+UNBOUNDED = 100000
+
 
 async def register(stack: Stack, user: str, token: str, account: str = ACCOUNT) -> str:
     """Log in as the iPhone, register, log out; the tagged status (OK, NO, BAD)."""
@@ -59,6 +62,8 @@ async def deliver_async(stack: Stack, user: str) -> float:
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_kill_9_loses_no_acknowledged_registration(test_pki, backend, request):
     overrides = {"database": request.getfixturevalue("postgres_url")} if backend != "sqlite" else {}
+    # Every registration is alice's: none may give way to registrations_per_user.
+    overrides["registrations_per_user"] = UNBOUNDED
     async with run_stack(test_pki, overrides, version=None) as stack:
         acknowledged: list[str] = []
         delivered = 0
@@ -457,7 +462,8 @@ async def test_postgresql_disk_full_answers_no_and_keeps_what_it_acknowledged(
 ):
     # Where the postgres user can reach it (not under root's pytest directory).
     with small_filesystem(postgres_server.root / "small-disk") as disk:
-        async with run_stack(test_pki, {"database": postgres_url}, version=None) as stack:
+        settings = {"database": postgres_url, "registrations_per_user": UNBOUNDED}
+        async with run_stack(test_pki, settings, version=None) as stack:
             assert await register(stack, "alice", ALICE) == "OK"
             with registrations_in(postgres_url, disk):
                 filler = fill(disk)

@@ -81,7 +81,7 @@ async def test_deliveries_go_on_and_pushes_follow_when_service_is_back(test_pki,
             with trio.fail_after(10):
                 while len(stack.standin.requests) < before + 2:
                     await stack.standin.next_request()
-            await service.wait_for_log("event(s) from the spool")
+            await service.wait_for_log("from the spool of uid")
         # One push per device that missed one, however many events it missed.
         assert _tokens(stack.standin.requests[before:]) == [token(1), token(2)]
         print(f"pushed {time.monotonic() - back:.1f} s after the service was back")

@@ -28,9 +28,10 @@
 --   dovenotify_socket      event socket path   (default /run/dovenotify/events.sock)
 --   dovenotify_timeout     seconds, per send   (default 0.2)
 --   dovenotify_user_field  optional userdb field whose value replaces the username
---   dovenotify_spool       file to append the lines to when they cannot be sent
---                          (default /var/lib/dovenotify/events.spool); dovenotify
---                          creates it writable for us and pushes for them when back
+--   dovenotify_spool       directory where the lines go, one file per uid, when
+--                          they cannot be sent (default /var/lib/dovenotify/events.spool);
+--                          dovenotify creates it and pushes for them when back
+--   dovenotify_spool_size  bytes one uid's spool file may grow to (default 1048576)
 
 local args = ...
 -- Per Lua state: from args on 2.4, on the first transaction on 2.3 where
@@ -65,22 +66,37 @@ local CHUNKS = {
     local flags, keywords = event.flags, event.keywords
     return (flags ~= nil and #flags > 0) or (keywords ~= nil and #keywords > 0)
   ]],
-  -- After a failed send: append the lines to the spool for the service to push
-  -- when it is back, and say so in Dovecot's log.
+  -- After a failed send: append the lines to this uid's file in the spool
+  -- directory, for the service to push when it is back, and say so in Dovecot's
+  -- log. The file is ours alone (the directory's default ACL makes it 0640 and
+  -- only the service's group reads it); past spool_size we stop appending, after
+  -- one SpoolFull line that has the service push every device we may push.
   keep = [[
-    local data, count, s, reason = ...
-    local outcome = "kept in " .. s.spool
-    local file, err = io.open(s.spool, "a")
+    local data, count, s, reason, ctx = ...
+    -- %d: Lua 5.4 gives the uid as a float (65534.0).
+    local path = s.spool .. "/" .. string.format("%d", ctx.user.uid)
+    local outcome = "kept in " .. path
+    local file, err = io.open(path, "a")
     if file then
-      -- A buffer as big as the data makes one write(2) on an O_APPEND file,
-      -- so lines of concurrent writers never interleave.
-      file:setvbuf("full", #data)
-      local written, write_err = file:write(data)
+      local size = file:seek("end") or 0
+      local written, write_err = true, nil
+      if size >= s.spool_size then
+        outcome = "not kept: " .. path .. " is full (dovenotify_spool_size); dovenotify"
+          .. " will push every device of this uid when it is back"
+      else
+        if size + #data > s.spool_size then
+          data, outcome = "SpoolFull" .. ctx.prefix .. ctx.suffix, path .. " is now full"
+        end
+        -- A buffer as big as the data makes one write(2) on an O_APPEND file,
+        -- so lines of concurrent writers never interleave.
+        file:setvbuf("full", #data)
+        written, write_err = file:write(data)
+      end
       local closed, close_err = file:close()
       err = not (written and closed) and tostring(write_err or close_err)
     end
     if err then
-      outcome = "not kept in " .. s.spool .. " either: " .. err
+      outcome = "not kept in " .. path .. " either: " .. err
     end
     dovecot.i_warning(string.format("dovenotify: %d event(s) not sent to %s: %s; %s",
       count, s.socket, reason, outcome))
@@ -106,10 +122,12 @@ local function make_settings(get)
     return text
   end
   local timeout = tonumber(value("dovenotify_timeout"))
+  local spool_size = tonumber(value("dovenotify_spool_size"))
   return {
     socket = value("dovenotify_socket") or "/run/dovenotify/events.sock",
     timeout = timeout and timeout > 0 and timeout or 0.2,
     spool = value("dovenotify_spool") or "/var/lib/dovenotify/events.spool",
+    spool_size = spool_size and spool_size > 0 and spool_size or 1048576,
     user_field = value("dovenotify_user_field"),
   }
 end
@@ -139,6 +157,7 @@ function driver.begin_txn(user)
     suffix = "\t" .. escape(user.service) .. "\n",
     lines = {},
     seen = {},
+    user = user,
   }
 end
 
@@ -228,7 +247,7 @@ function driver.end_txn(ctx, success)
   local data = table.concat(ctx.lines)
   local ok, err = pcall(send, data)
   if not ok or err then
-    pcall(lazy, "keep", data, #ctx.lines, settings, tostring(err))
+    pcall(lazy, "keep", data, #ctx.lines, settings, tostring(err), ctx)
   end
 end
 

@@ -21,6 +21,7 @@ from tests.harness.apns_standin import ApnsStandin, run_apns_standin
 from tests.harness.certs import Pki
 from tests.harness.dovecot import (
     DEFAULT_USERS,
+    MAIL_USER,
     Dovecot,
     installation,
     make_root,
@@ -65,12 +66,15 @@ def service_settings(
     # The post-login helper runs as Dovecot's internal user, whose uid in the
     # other version's chroot need not be the host's "dovecot".
     helper_uid = installation(dovecot_version).uid("dovecot")
+    # Dovecot's mail_uid in the tests (the service cannot ask this Dovecot for it).
+    mail_uid = installation(dovecot_version).uid(MAIL_USER)
     return {
         "database": str(root / "registrations.sqlite"),
         "event_socket": str(root / "run" / "events.sock"),
         "relay_socket": str(root / "run" / "relay.sock"),
         "event_spool": str(root / "run" / "events.spool"),
         "relay_peers": ["root", str(helper_uid)],
+        "event_peers": [str(mail_uid)],
         "apns": {
             "certificate": str(pki.client.combined_pem),
             "endpoint": standin_url,
@@ -94,6 +98,7 @@ def dovecot_snippet(root: Path, settings: Mapping[str, Any], version: str) -> st
         user_field=settings.get("user_lookup"),
         event_spool=Path(settings["event_spool"]),
         relay_only_field=settings.get("relay_only_field"),
+        event_spool_size=settings.get("event_spool_size", 1024 * 1024),
     )
 
 

@@ -1,60 +1,88 @@
-"""The spool hands its lines over exactly once and never disappears under writers."""
+"""The spool directory: per-uid files handed over exactly once, read in bounded memory."""
 
 import os
 import tracemalloc
 
 from dovenotify import spool
-from dovenotify.events import Event
 
 NEW = b"MessageNew\talice\tINBOX\tlmtp\n"
 FLAGS = b"FlagsSet\talice\tINBOX\timap\n"
 
 
-def test_set_aside_then_take_hands_lines_over_once(tmp_path):
-    path = tmp_path / "events.spool"
-    spool.create(path)
-    assert os.stat(path).st_mode & 0o777 == spool.MODE
-    assert not spool.set_aside(path)
-    with open(path, "ab", buffering=0) as writer:  # a writer that opened the file before the drain
-        writer.write(NEW)
-        assert spool.set_aside(path)
-        assert path.exists() and path.stat().st_size == 0
-        writer.write(FLAGS)  # ... and wrote just after
-    assert spool.take_aside(path) == [
-        Event("MessageNew", "alice", "INBOX", "lmtp"),
-        Event("FlagsSet", "alice", "INBOX", "imap"),
-    ]
-    assert spool.take_aside(path) == []
-    assert os.stat(path).st_mode & 0o777 == spool.MODE
+def read(spooled: spool.Spooled) -> bytes:
+    data = b"".join(spool.chunks(spooled.path))
+    spooled.path.unlink()
+    return data
 
 
-def test_lines_set_aside_before_a_crash_are_read_first(tmp_path):
+def test_the_directory_lets_each_uid_write_only_its_own_file(tmp_path):
     path = tmp_path / "events.spool"
-    spool.create(path)
+    assert spool.create(path) is None
+    assert os.stat(path).st_mode & 0o7777 == spool.DIR_MODE
+    old = os.umask(0o077)  # as Dovecot's mail processes have it
+    try:
+        with open(path / "1000", "ab"):
+            pass
+    finally:
+        os.umask(old)
+    # The default ACL, not the writer's umask, decides: the service's group reads.
+    assert os.stat(path / "1000").st_mode & 0o777 == 0o640
+
+
+def test_an_old_single_spool_file_is_moved_aside_to_be_drained(tmp_path):
+    path = tmp_path / "events.spool"
     path.write_bytes(NEW)
-    assert spool.set_aside(path)  # then the service died before reading
-    path.write_bytes(FLAGS)
-    assert spool.set_aside(path)
-    assert [e.name for e in spool.take_aside(path)] == ["MessageNew"]
-    assert spool.set_aside(path)
-    assert [e.name for e in spool.take_aside(path)] == ["FlagsSet"]
+    spool.create(path)
+    assert path.is_dir() and spool.legacy(path).read_bytes() == NEW
 
 
-def test_a_long_outage_spool_is_read_in_the_memory_of_its_distinct_lines(tmp_path):
+def test_set_aside_hands_lines_over_once_with_their_writer(tmp_path):
     path = tmp_path / "events.spool"
     spool.create(path)
-    lines = [b"MessageNew\tuser%d@example.org\tINBOX\tlmtp\n" % n for n in range(100)]
-    with path.open("ab") as writer:
-        for _ in range(2000):
-            writer.write(b"".join(lines))
-    assert path.stat().st_size > 7_000_000
-    assert spool.set_aside(path)
+    assert spool.set_aside(path) == []
+    with open(path / str(os.getuid()), "ab", buffering=0) as writer:  # opened before the drain
+        writer.write(NEW)
+        (found,) = spool.set_aside(path)
+        writer.write(FLAGS)  # ... and wrote just after
+    assert (found.uid, found.named_uid, found.squatted) == (os.getuid(), os.getuid(), False)
+    assert read(found) == NEW + FLAGS
+    assert not found.path.exists()
+    assert spool.set_aside(path) == []
+
+
+def test_a_file_named_for_another_uid_is_squatted(tmp_path):
+    path = tmp_path / "events.spool"
+    spool.create(path)
+    (path / "4242").write_bytes(NEW)
+    (found,) = spool.set_aside(path)
+    assert found.squatted and found.named_uid == 4242
+
+
+def test_what_a_crash_left_aside_is_read_and_no_fifo_or_link_is_followed(tmp_path):
+    path = tmp_path / "events.spool"
+    spool.create(path)
+    (path / "7").write_bytes(NEW)
+    spool.set_aside(path)  # then the service died before reading
+    os.mkfifo(path / "8")
+    (path / "9").symlink_to("/etc/passwd")
+    (found,) = spool.set_aside(path)
+    assert read(found) == NEW
+    assert sorted(os.listdir(path)) == []
+
+
+def test_a_big_spool_is_read_a_chunk_at_a_time(tmp_path):
+    path = tmp_path / "events.spool"
+    spool.create(path)
+    with open(path / "0", "ab") as writer:
+        for n in range(200_000):
+            writer.write(b"MessageNew\tuser%d@example.org\tINBOX\tlmtp\n" % n)
+    (found,) = spool.set_aside(path)
+    assert found.path.stat().st_size > 7_000_000
     tracemalloc.start()
     try:
-        events = spool.take_aside(path)
+        total = sum(len(chunk) for chunk in spool.chunks(found.path))
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert [e.username for e in events] == [f"user{n}@example.org" for n in range(100)]
-    # A chunk and its lines at a time, not the whole file (nor an object per line).
-    assert peak < 2_000_000, peak
+    assert total > 7_000_000
+    assert peak < 1_000_000, peak

@@ -1,244 +1,62 @@
 -- dovenotify: Dovecot push_notification Lua driver (Dovecot 2.3 and 2.4).
+-- What it sends, and its settings: dovenotify-driver.lua beside this file.
 --
--- Sends one line per distinct event of a mail transaction to the dovenotify
--- service over a unix stream socket:
---
---     <EventName> TAB <username> TAB <mailbox> TAB <service> [TAB <more>] LF
---
--- `%`, TAB, CR and LF in username and mailbox are sent as %25 %09 %0D %0A.
--- MailboxRename appends the escaped old name as a fifth field. Receivers must
--- ignore fields they do not know, so fields can be added later.
---
--- This runs inside Dovecot's imap/lmtp/lda processes, synchronously, as the
--- mail uid. So: never raise into Dovecot, never wait longer than the timeout.
---
--- Dovecot compiles this file into a fresh Lua state for every LMTP delivery
--- (and once more per LMTP connection), and compiling is about half of what
--- the script costs a delivery. So code a delivery does not run is kept in strings,
--- which are only scanned, and compiled where it is first needed (see `lazy`).
---
--- Settings (2.3: plugin { ... }; 2.4: push_notification lua { lua_settings { ... } }):
---   dovenotify_socket      event socket path   (default /run/dovenotify/events.sock)
---   dovenotify_timeout     seconds, per send   (default 0.2)
---   dovenotify_user_field  optional userdb field whose value replaces the username
---   dovenotify_spool       directory where the lines go, one file per uid, when
---                          they cannot be sent (default /var/lib/dovenotify/events.spool);
---                          dovenotify creates it and pushes for them when back
---   dovenotify_spool_size  bytes one uid's spool file may grow to (default 1048576)
+-- Dovecot compiles this file into a fresh Lua state for every mail user (every
+-- LMTP delivery), and compiling code is most of what a script costs a delivery;
+-- comments and strings cost next to nothing. So this file only forwards the
+-- hooks to the driver, loaded at a user's first transaction from
+-- dovenotify-driver.luac, the driver precompiled on this machine by `dovenotify
+-- dovecot-config --install`, or else from dovenotify-driver.lua. Lua refuses
+-- bytecode of another Lua version or number format (after an upgrade: run
+-- --install again); then the source is used, with a warning.
 
--- Per Lua state (one per mail user in a process): set by script_init on 2.4,
--- on the first transaction on 2.3 where settings come from the user.
-local settings
--- lua-socket's unix module, loaded on the first send.
-local unix
-
--- Chunks compiled on first use; each gets the arguments of `lazy(name, ...)`.
-local CHUNKS = {
-  -- The username from userdb field `field` (dovenotify_user_field), if set.
-  username = [[
-    local user, field = ...
-    local ok, value
-    if user.plugin_getenv then
-      -- 2.3: userdb extra fields are visible as plugin settings.
-      ok, value = pcall(user.plugin_getenv, user, field)
-    elseif string.match(field, "^[%w_.-]+$") then
-      -- 2.4: the name goes into an expansion, so plain names only.
-      ok, value = pcall(user.var_expand, user, "%{userdb:" .. field .. "}")
-    end
-    if ok and type(value) == "string" and value ~= "" then
-      return value
-    end
-    return user.username
-  ]],
-  -- Dovecot reports a FlagsClear with nothing in it whenever \Recent goes
-  -- away (e.g. on STORE +FLAGS \Seen): flags is then an empty table and
-  -- keywords is absent or empty. Nothing changed that a client can see.
-  visible_flags_cleared = [[
-    local event = ...
-    local flags, keywords = event.flags, event.keywords
-    return (flags ~= nil and #flags > 0) or (keywords ~= nil and #keywords > 0)
-  ]],
-  -- After a failed send: append the lines to this uid's file in the spool
-  -- directory, for the service to push when it is back, and say so in Dovecot's
-  -- log. The file is ours alone (the directory's default ACL makes it 0640 and
-  -- only the service's group reads it); past spool_size we stop appending, after
-  -- one SpoolFull line that has the service push every device we may push.
-  keep = [[
-    local data, count, s, reason, ctx = ...
-    -- %d: Lua 5.4 gives the uid as a float (65534.0).
-    local path = s.spool .. "/" .. string.format("%d", ctx.user.uid)
-    local outcome = "kept in " .. path
-    local file, err = io.open(path, "a")
-    if file then
-      local size = file:seek("end") or 0
-      local written, write_err = true, nil
-      if size >= s.spool_size then
-        outcome = "not kept: " .. path .. " is full (dovenotify_spool_size); dovenotify"
-          .. " will push every device of this uid when it is back"
-      else
-        if size + #data > s.spool_size then
-          data, outcome = "SpoolFull" .. ctx.prefix .. ctx.suffix, path .. " is now full"
-        end
-        -- A buffer as big as the data makes one write(2) on an O_APPEND file,
-        -- so lines of concurrent writers never interleave.
-        file:setvbuf("full", #data)
-        written, write_err = file:write(data)
-      end
-      local closed, close_err = file:close()
-      err = not (written and closed) and tostring(write_err or close_err)
-    end
-    if err then
-      outcome = "not kept in " .. path .. " either: " .. err
-    end
-    dovecot.i_warning(string.format("dovenotify: %d event(s) not sent to %s: %s; %s",
-      count, s.socket, reason, outcome))
-  ]],
-}
-
-local function lazy(name, ...)
-  local chunk = CHUNKS[name]
-  if type(chunk) == "string" then
-    chunk = assert(load(chunk, "=dovenotify.lua:" .. name))
-    CHUNKS[name] = chunk
-  end
-  return chunk(...)
-end
-
-local function make_settings(get)
-  -- An unset setting is nil on 2.3, and may be "" on 2.4.
-  local function value(name)
-    local text = get(name)
-    if text == "" then
-      return nil
-    end
-    return text
-  end
-  local timeout = tonumber(value("dovenotify_timeout"))
-  local spool_size = tonumber(value("dovenotify_spool_size"))
-  return {
-    socket = value("dovenotify_socket") or "/run/dovenotify/events.sock",
-    timeout = timeout and timeout > 0 and timeout or 0.2,
-    spool = value("dovenotify_spool") or "/var/lib/dovenotify/events.spool",
-    spool_size = spool_size and spool_size > 0 and spool_size or 1048576,
-    user_field = value("dovenotify_user_field"),
-  }
-end
+local path = string.match(debug.getinfo(1, "S").source, "^@(.*)%.lua$") .. "-driver.lua"
+local args, driver
 
 -- 2.3 calls script_init() without arguments and insists on an integer 0;
 -- 2.4 passes lua_settings as a table and ignores the result.
-function script_init(args)
-  if type(args) == "table" then
-    settings = make_settings(function(name) return args[name] end)
-  end
+function script_init(settings)
+  args = settings
   return 0
 end
 
-local ESCAPES = { ["%"] = "%25", ["\t"] = "%09", ["\r"] = "%0D", ["\n"] = "%0A" }
-
-local function escape(text)
-  return (string.gsub(tostring(text or ""), "[%%\t\r\n]", ESCAPES))
+local function load_driver()
+  local chunk, err = loadfile(path .. "c", "b")
+  if not chunk and not string.find(err, "^cannot open") then
+    dovecot.i_warning(string.format("dovenotify: %s does not load (%s); using the source "
+      .. "instead, which is slower: run `dovenotify dovecot-config --install` again", path .. "c", err))
+  end
+  if not chunk then
+    chunk, err = loadfile(path, "t")
+    if not chunk then
+      error("dovenotify: " .. err .. "; run `dovenotify dovecot-config --install`", 0)
+    end
+  end
+  return chunk(args)
 end
+
+-- An error raised from a hook makes Dovecot (2.3.19 and 2.4.1) panic the
+-- process after it saved the mail: the LMTP client sees the connection drop
+-- and delivers the mail again. So without a driver every hook does nothing.
+local NOTHING = setmetatable({}, { __index = function() return function() return {} end end })
 
 function dovecot_lua_notify_begin_txn(user)
-  settings = settings or make_settings(function(name)
-    return user.plugin_getenv and user:plugin_getenv(name)
-  end)
-  local name = settings.user_field and lazy("username", user, settings.user_field)
-  return {
-    prefix = "\t" .. escape(name or user.username) .. "\t",
-    suffix = "\t" .. escape(user.service) .. "\n",
-    lines = {},
-    seen = {},
-    user = user,
-  }
+  if not driver then
+    local loaded, result = pcall(load_driver)
+    if not loaded then
+      dovecot.i_error(tostring(result))
+    end
+    driver = loaded and result or NOTHING
+  end
+  return driver.begin_txn(user)
 end
 
-local function add(ctx, name, mailbox, extra)
-  local line = name .. ctx.prefix .. escape(mailbox) .. ctx.suffix
-  if extra then
-    line = string.sub(line, 1, -2) .. "\t" .. escape(extra) .. "\n"
-  end
-  if not ctx.seen[line] then
-    ctx.seen[line] = true
-    ctx.lines[#ctx.lines + 1] = line
-  end
-end
-
--- One hook per event the service acts on (MailboxCreate is not one: a new
--- mailbox is empty and nobody registered it; Dovecot skips unhooked events).
-local function hook(name)
-  return function(ctx, event)
-    add(ctx, name, event.mailbox)
-  end
-end
-dovecot_lua_notify_event_message_new = hook("MessageNew")
-dovecot_lua_notify_event_message_append = hook("MessageAppend")
-dovecot_lua_notify_event_message_expunge = hook("MessageExpunge")
-dovecot_lua_notify_event_flags_set = hook("FlagsSet")
-dovecot_lua_notify_event_mailbox_delete = hook("MailboxDelete")
-
-function dovecot_lua_notify_event_flags_clear(ctx, event)
-  if lazy("visible_flags_cleared", event) then
-    add(ctx, "FlagsClear", event.mailbox)
-  end
-end
-
-function dovecot_lua_notify_event_mailbox_rename(ctx, event)
-  add(ctx, "MailboxRename", event.mailbox, event.mailbox_old or "")
-end
-
--- lua-socket's unix module: its C library alone, found along package.cpath
--- (require would first try eight socket/unix.lua paths, in every fresh state).
-local function load_unix()
-  -- Closing a Lua state unloads the C libraries it loaded (dlclose), and LMTP
-  -- makes a fresh state for every delivery: loading lua-socket anew each time
-  -- was what this script cost most. Lua 5.4 keeps the handles in the registry
-  -- table _CLIBS, in load order: forgetting ours keeps the library in the
-  -- process, so later states only take another reference. (Other Lua
-  -- versions keep them elsewhere: there the library is loaded each time.)
-  local clibs = debug.getregistry()._CLIBS or {}
-  local before = #clibs
-  local open, err = package.loadlib(
-    package.searchpath("socket.unix", package.cpath) or "socket.unix", "luaopen_socket_unix")
-  if not open then
-    error("cannot load lua-socket (socket.unix): " .. tostring(err), 0)
-  end
-  for i = #clibs, before + 1, -1 do
-    clibs[i] = nil
-  end
-  return open()
-end
-
--- Returns nil on success, else a reason for the log.
-local function send(data)
-  unix = unix or load_unix()
-  local conn, err = unix.stream()
-  if not conn then
-    return "socket: " .. tostring(err)
-  end
-  -- "b" bounds each blocking step, "t" the whole call: together no step and
-  -- no sequence of partial sends can wait longer than the timeout.
-  conn:settimeout(settings.timeout, "b")
-  conn:settimeout(settings.timeout, "t")
-  local done, last
-  done, err = conn:connect(settings.socket)
-  if not done then
-    err = "connect: " .. tostring(err)
-  else
-    done, err, last = conn:send(data)
-    err = not done and string.format("send: %s after %d of %d bytes", err, last or 0, #data)
-  end
-  conn:close()
-  return err or nil
-end
-
-function dovecot_lua_notify_end_txn(ctx, success)
-  if not success or #ctx.lines == 0 then
-    return
-  end
-  local data = table.concat(ctx.lines)
-  local ok, err = pcall(send, data)
-  if not ok or err then
-    pcall(lazy, "keep", data, #ctx.lines, settings, tostring(err), ctx)
+-- Dovecot collects only the events whose hook exists when it loads the script.
+for _, hook in ipairs({
+  "event_message_new", "event_message_append", "event_message_expunge", "event_flags_set",
+  "event_flags_clear", "event_mailbox_delete", "event_mailbox_rename", "end_txn",
+}) do
+  _G["dovecot_lua_notify_" .. hook] = function(ctx, value)
+    driver[hook](ctx, value)
   end
 end

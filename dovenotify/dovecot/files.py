@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from dovenotify.core import config as configuration
 from dovenotify.dovecot import config as dovecot_config
+from dovenotify.dovecot import lua_bytecode
 
-DOVECOT_FILES = ("dovenotify.lua", "postlogin.py")
+DOVECOT_FILES = ("dovenotify.lua", "dovenotify-driver.lua", "postlogin.py")
 # Shipped as package data beside this module.
 SOURCE = Path(__file__).parent
 
@@ -32,8 +34,8 @@ def dovecot_snippet(config: configuration.Config, version: str) -> str:
 
 
 def install_dovecot_files(directory: Path) -> list[Path]:
-    """Copy the Lua script and helper where Dovecot's unprivileged users can read them;
-    return the files that changed."""
+    """Copy the Lua scripts and helper where Dovecot's unprivileged users can read them,
+    and precompile the Lua driver; return the files that changed."""
     if directory.exists() and not directory.is_dir():
         # A ValueError: the CLI prints it as it prints a usage error.
         raise ValueError(f"dovecot_files {directory} is a file; it must name a directory")
@@ -46,4 +48,13 @@ def install_dovecot_files(directory: Path) -> list[Path]:
             shutil.copyfile(SOURCE / name, target)
             changed.append(target)
         target.chmod(0o644)
+    try:
+        if lua_bytecode.install_bytecode(directory):
+            changed.append(directory / lua_bytecode.BYTECODE)
+    except lua_bytecode.BytecodeError as e:
+        print(
+            f"dovenotify: the Lua driver is not precompiled ({e}); "
+            "Dovecot compiles it for every mail delivery instead, which is slower",
+            file=sys.stderr,
+        )
     return changed

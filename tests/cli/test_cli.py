@@ -128,7 +128,8 @@ def test_dovecot_config_install_points_at_installed_files(tmp_path, version):
         "--install",
         check=True,
     )
-    assert (files / "dovenotify.lua").stat().st_mode & 0o777 == 0o644
+    for name in ("dovenotify.lua", "dovenotify-driver.lua", "dovenotify-driver.luac"):
+        assert (files / name).stat().st_mode & 0o777 == 0o644
     assert (files / "postlogin.py").stat().st_mode & 0o777 == 0o644
     assert f"{files}/dovenotify.lua" in result.stdout
     assert f"/usr/bin/python3 -I -S {files}/postlogin.py" in result.stdout

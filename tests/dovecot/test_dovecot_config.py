@@ -40,10 +40,11 @@ def test_example_files_are_what_render_produces(version: str):
     )
 
 
-def test_example_lua_script_is_the_package_script():
-    link = REPO / "dovecot-conf" / "dovenotify.lua"
+@pytest.mark.parametrize("name", ["dovenotify.lua", "dovenotify-driver.lua"])
+def test_example_lua_script_is_the_package_script(name: str):
+    link = REPO / "dovecot-conf" / name
     assert link.is_symlink()
-    assert link.resolve() == (Path(dovenotify.__file__).parent / "dovecot" / "dovenotify.lua")
+    assert link.resolve() == (Path(dovenotify.__file__).parent / "dovecot" / name)
 
 
 @pytest.mark.parametrize("version", dovecot_config.VERSIONS)

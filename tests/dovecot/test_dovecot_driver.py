@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 
-import dovenotify
 from dovenotify.dovecot.config import render
+from dovenotify.dovecot.files import install_dovecot_files
 from tests.harness.dovecot import (
     Dovecot,
     EventSink,
@@ -34,7 +34,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs Dovecot installed and root to start it",
 )
 
-PACKAGE_SCRIPT = Path(dovenotify.__file__).parent / "dovecot" / "dovenotify.lua"
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nhi\r\n"
 
 # Continues the login chain without a relay, so IMAP works through the rendered
@@ -84,11 +83,12 @@ end
 def scratch() -> Iterator[Path]:
     """A directory for the event socket and test scripts, readable by Dovecot's users.
 
-    It holds a copy of the driver script: Dovecot in the other version's chroot
-    sees only /tmp of the host.
+    It holds the driver as `dovecot-config --install` installs it, precompiled:
+    Dovecot in the other version's chroot sees only /tmp of the host.
     """
     root = make_root("dovenotify-events-")
-    shutil.copyfile(PACKAGE_SCRIPT, root / "dovenotify.lua")
+    install_dovecot_files(root)
+    assert (root / "dovenotify-driver.luac").is_file()
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -168,6 +168,68 @@ def test_empty_settings_mean_the_defaults(
         deliver(d, "alice", MESSAGE)
         sink.wait_for(lambda s: len(s.payloads) == 1)
     assert sink.payloads == [b"MessageNew\talice\tINBOX\tlmtp\n"]
+
+
+def test_precompiled_driver_runs_without_its_source(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
+    # The bytecode made at install time matches the Lua of the Dovecot under
+    # test (2.4 runs in a chroot with a later Lua 5.4 release than the host's).
+    (scratch / "dovenotify-driver.lua").unlink()
+    d = dovecot_factory(extra_conf=driver_conf())
+    with EventSink(scratch / "events.sock") as sink:
+        deliver(d, "alice", MESSAGE)
+        sink.wait_for(lambda s: len(s.payloads) == 1)
+    assert sink.payloads == [b"MessageNew\talice\tINBOX\tlmtp\n"]
+    assert warnings(d) == []
+
+
+def another_lua(bytecode: bytes) -> bytes:
+    # Byte 4 of the header is the Lua version (0x54 for 5.4): what Lua 5.3 writes there.
+    assert bytecode.startswith(b"\x1bLua\x54")
+    return b"\x1bLua\x53" + bytecode[5:]
+
+
+def truncated(bytecode: bytes) -> bytes:
+    return bytecode[: len(bytecode) - 100]
+
+
+@pytest.mark.parametrize("spoil", [another_lua, truncated])
+def test_bytecode_that_does_not_load_falls_back_to_the_source(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf, spoil
+):
+    bytecode = scratch / "dovenotify-driver.luac"
+    spoiled = spoil(bytecode.read_bytes())
+    assert spoiled != bytecode.read_bytes()
+    bytecode.write_bytes(spoiled)
+    d = dovecot_factory(extra_conf=driver_conf())
+    with EventSink(scratch / "events.sock") as sink:
+        deliver(d, "alice", MESSAGE)
+        sink.wait_for(lambda s: len(s.payloads) == 1)
+    assert sink.payloads == [b"MessageNew\talice\tINBOX\tlmtp\n"]
+    d.wait_for_log(
+        r"Warning: dovenotify: \S+/dovenotify-driver.luac does not load \(.+\); using the "
+        r"source instead, which is slower: run `dovenotify dovecot-config --install` again"
+    )
+
+
+def test_without_the_driver_mail_is_delivered_and_the_log_says_why(
+    dovecot_factory: StartDovecot, scratch: Path, driver_conf: DriverConf
+):
+    for name in ("dovenotify-driver.lua", "dovenotify-driver.luac"):
+        (scratch / name).unlink()
+    d = dovecot_factory(extra_conf=driver_conf())
+    with EventSink(scratch / "events.sock") as sink:
+        # An error raised from a hook would make Dovecot panic after saving the
+        # mail, and the LMTP client would see the connection drop.
+        deliver(d, "alice", MESSAGE)
+        d.wait_for_log(
+            r"Error: dovenotify: cannot open \S+/dovenotify-driver.lua.*; "
+            r"run `dovenotify dovecot-config --install`"
+        )
+    assert sink.payloads == []
+    assert len(list((d.layout.homes / "alice" / "Maildir" / "new").iterdir())) == 1
+    assert "Panic" not in d.log_text()
 
 
 def test_lda_delivery_sends_message_new(

@@ -288,7 +288,7 @@ def start_service(manager: str, config_path: Path, changed: bool, report: Report
         elif changed:
             run(["supervisorctl", "restart", "dovenotify"])
             report.did("restarted dovenotify")
-        elif "RUNNING" not in run(["supervisorctl", "status", "dovenotify"], check=False).stdout:
+        elif not _supervised(run(["supervisorctl", "status", "dovenotify"], check=False).stdout):
             run(["supervisorctl", "start", "dovenotify"])
             report.did("started dovenotify")
     else:
@@ -298,6 +298,12 @@ def start_service(manager: str, config_path: Path, changed: bool, report: Report
         )
         return
     _wait_for_socket(config_path)
+
+
+def _supervised(status: str) -> bool:
+    """Whether supervisord runs the program: STARTING is running for less than
+    startsecs (2 s) so far, not a program to start again."""
+    return any(state in status.split() for state in ("RUNNING", "STARTING"))
 
 
 def _wait_for_socket(config_path: Path) -> None:

@@ -689,7 +689,10 @@ def open_relay(
 ) -> tuple[relay.Relay, trio.SocketListener]:
     """The relay and its socket: in `serve`, or in `dovenotify relay` (relay_process)."""
     the_relay = relay.Relay(
-        topic=topic, register=register, allowed_uids=relay.allowed_uids(config.relay_peers)
+        topic=topic,
+        register=register,
+        allowed_uids=relay.allowed_uids(config.relay_peers),
+        mailboxes_per_registration=config.mailboxes_per_registration,
     )
     return the_relay, unix_listener(config.relay_socket, 0o666)
 

@@ -420,6 +420,11 @@ async def test_a_hostile_imap_client_is_bounded(test_pki, dovecot_version):
             ' "username" "bob" "mailboxes" ("INBOX" "Evil&ABs-[2J" "Third")'
         )
         assert reply.ok, reply
+        # Only the mailboxes kept are confirmed: iOS logs the third as not pushed.
+        assert [line for line in reply.untagged if b'"mailbox"' in line] == [
+            b'* XAPPLEPUSHSERVICE "mailbox" "INBOX"',
+            b'* XAPPLEPUSHSERVICE "mailbox" "Evil&ABs-[2J"',
+        ]
         await phone.logout()
         listed = subprocess.run(
             [*_dovenotify(), "devices", "--config", str(stack.service.config_path), "--json"],

@@ -288,7 +288,7 @@ def start_service(manager: str, config_path: Path, changed: bool, report: Report
         elif changed:
             run(["supervisorctl", "restart", "dovenotify"])
             report.did("restarted dovenotify")
-        elif not _supervised(run(["supervisorctl", "status", "dovenotify"], check=False).stdout):
+        elif not _supervised_up(run(["supervisorctl", "status", "dovenotify"], check=False).stdout):
             run(["supervisorctl", "start", "dovenotify"])
             report.did("started dovenotify")
     else:
@@ -300,9 +300,9 @@ def start_service(manager: str, config_path: Path, changed: bool, report: Report
     _wait_for_socket(config_path)
 
 
-def _supervised(status: str) -> bool:
-    """Whether supervisord runs the program: STARTING is running for less than
-    startsecs (2 s) so far, not a program to start again."""
+def _supervised_up(status: str) -> bool:
+    # STARTING too: supervisord calls a program RUNNING only after `startsecs`
+    # (2 s here), and starting it again then is an error, not a no-op.
     return any(state in status.split() for state in ("RUNNING", "STARTING"))
 
 

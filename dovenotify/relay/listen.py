@@ -70,5 +70,10 @@ def open_relay(
     config: Config, topic: Callable[[], str], register: Register
 ) -> tuple[Relay, trio.SocketListener]:
     """The relay and its socket: in `serve`, or in `dovenotify relay` (relay_process)."""
-    the_relay = Relay(topic=topic, register=register, allowed_uids=allowed_uids(config.relay_peers))
+    the_relay = Relay(
+        topic=topic,
+        register=register,
+        allowed_uids=allowed_uids(config.relay_peers),
+        mailboxes_per_registration=config.mailboxes_per_registration,
+    )
     return the_relay, unix_listener(config.relay_socket, 0o666)

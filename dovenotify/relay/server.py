@@ -59,6 +59,9 @@ class Relay:
     topic: Callable[[], str]
     register: Register
     allowed_uids: frozenset[int]
+    # Only the mailboxes a registration keeps are confirmed: iOS then knows the rest
+    # will not push, instead of waiting for pushes that never come.
+    mailboxes_per_registration: int = 100
     handshake_timeout: float = 2.0
     connections: int = 0
     starved: bool = False  # out of descriptors: said so in the log, once
@@ -246,7 +249,8 @@ class Relay:
                 xaps.no(command.tag, "the registration could not be stored, try again later"),
                 False,
             )
-        return xaps.answer(command.tag, topic, request.mailboxes), True
+        confirmed = request.mailboxes[: self.mailboxes_per_registration]
+        return xaps.answer(command.tag, topic, confirmed), True
 
 
 @attrs.define

@@ -51,3 +51,17 @@ def test_owner_and_mode_are_fixed_and_reported_once(tmp_path: Path) -> None:
     again = setup.Report()
     setup.ensure_directory(target, USER.pw_uid, USER.pw_gid, 0o755, again)
     assert again.changed == []
+
+
+@pytest.mark.parametrize(
+    ("status", "up"),
+    [
+        ("dovenotify                       RUNNING   pid 12, uptime 0:01:02\n", True),
+        ("dovenotify                       STARTING  \n", True),
+        ("dovenotify                       STOPPED   Dec 06 02:06 AM\n", False),
+        ("dovenotify                       FATAL     Exited too quickly\n", False),
+        ("dovenotify: ERROR (no such process)\n", False),
+    ],
+)
+def test_a_program_still_in_startsecs_counts_as_up(status: str, up: bool) -> None:
+    assert setup._supervised_up(status) is up

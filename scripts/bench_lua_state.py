@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from dovenotify.cli.commands import install_dovecot_files
+from dovenotify.dovecot.files import install_dovecot_files
 from dovenotify.dovecot.lua_bytecode import dovecot_lua_library
 from scripts.bench_lua import HOOKS_ONLY, parser_comparing
 from scripts.bench_table import print_table

@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import resource
+import shutil
 import socket
 import subprocess
 import textwrap
@@ -26,7 +27,8 @@ import pytest
 import trio
 
 from dovenotify.admin.httpserver import Request, Response, open_listeners, serve_http
-from tests.harness.dovecot import deliver, free_ports
+from dovenotify.events import spool
+from tests.harness.dovecot import deliver, free_ports, make_root
 from tests.harness.stack import Stack, run_stack
 
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
@@ -202,6 +204,55 @@ async def test_a_local_account_cannot_read_or_touch_registrations_or_the_spool(
             assert list(spool.iterdir()) == []
             assert Path(database).stat().st_mode & 0o777 == 0o600
             assert "Traceback" not in service.log_text()
+
+
+def test_in_the_spool_a_local_account_may_append_to_its_own_file_and_nothing_else(mallory):
+    """No file, link or FIFO of hers where a mail process writes; no other's events."""
+    root = make_root("dovenotify-spool-")
+    try:
+        path = root / "events.spool"
+        assert spool.create(path) is None
+        own, mail = spool.provide(path, mallory.pw_uid), spool.provide(path, 4241)
+        result = as_user(
+            mallory,
+            f"""
+            import os
+            path = {str(path)!r}
+            def attempt(name, action):
+                try:
+                    action()
+                    print(name, "done")
+                except OSError as e:
+                    print(name, e.strerror)
+            def append(name):
+                with open(os.path.join(path, name), "ab") as f:
+                    f.write(b"MessageNew\\tmallory\\tINBOX\\tlmtp\\n")
+            attempt("append to her own", lambda: append({own.name!r}))
+            attempt("read her own", lambda: open(os.path.join(path, {own.name!r}), "rb").close())
+            attempt("append to the mail uid's", lambda: append({mail.name!r}))
+            attempt("make a file", lambda: append("4242"))
+            attempt("make a link", lambda: os.symlink("/etc/passwd", os.path.join(path, "4243")))
+            attempt("make a FIFO", lambda: os.mkfifo(os.path.join(path, "4244")))
+            attempt("list", lambda: os.listdir(path))
+            attempt("rename hers", lambda: os.rename(
+                os.path.join(path, {own.name!r}), os.path.join(path, "4245")))
+            """,
+        )
+        assert result.stdout.splitlines() == [
+            "append to her own done",
+            "read her own Permission denied",
+            "append to the mail uid's Permission denied",
+            "make a file Permission denied",
+            "make a link Permission denied",
+            "make a FIFO Permission denied",
+            "list Permission denied",
+            "rename hers Permission denied",
+        ], result.stderr
+        assert own.read_bytes() == b"MessageNew\tmallory\tINBOX\tlmtp\n"
+        assert mail.read_bytes() == b""
+        assert sorted(os.listdir(path)) == sorted([own.name, mail.name])
+    finally:
+        shutil.rmtree(root)
 
 
 async def test_a_full_spool_file_stops_growing_and_pushes_everyone(test_pki, dovecot_version):

@@ -10,7 +10,13 @@ from dovenotify.core import config as configuration
 from dovenotify.dovecot import config as dovecot_config
 from dovenotify.dovecot import lua_bytecode
 
-DOVECOT_FILES = ("dovenotify.lua", "dovenotify-driver.lua", "postlogin.py")
+DOVECOT_FILES = (
+    "dovenotify.lua",
+    "dovenotify-driver.lua",
+    "dovenotify-fallback.lua",
+    "dovenotify-loader.lua",
+    "postlogin.py",
+)
 # Shipped as package data beside this module.
 SOURCE = Path(__file__).parent
 

@@ -1,18 +1,19 @@
-"""The event spool: where the Lua driver keeps events it could not send.
+"""The event spool: the files the Lua driver appends each transaction's events to.
 
-When the service is stopped, hung or its socket is missing, the driver appends
-the transaction's lines (the same format as on the socket) to a file of its own
-uid in the spool directory, `<event_spool>/<uid>`. The service owns the directory,
-mode 3733: any uid may create its file there (the driver runs as the mail uid,
-or as each user's own uid with system users), but nobody may list it or remove
-another's file (sticky); new files get the service's group (setgid), and a
-default ACL gives them mode 0640 whatever Dovecot's umask, so only the writer
-appends and only the service reads. The service attributes a file's lines to
-the file's owner, under the same rule as on the event socket (peers.py).
+The service owns the directory (mode 0711: nobody else may list it or make
+anything in it) and one file per uid that sends events, `<event_spool>/<uid>`,
+which it makes itself, owned by it and appendable by that uid alone (an access
+ACL, user:<uid>:-w-): what is in a file was written by its uid. A uid without a
+file yet sends over the event socket, and the service makes its file then. So
+no other account can plant a file, link or FIFO where a mail process writes.
 
-Draining: the service renames a file aside (it owns the directory), waits for a
-writer that opened it just before to finish its one append, then reads it in
-chunks, each line handled as it is read, so memory does not grow with the file.
+Files an older dovenotify let their writers make (the directory was then
+world-writable) are read once, under the rules they were written under, and
+removed.
+
+Rotation: a file is linked aside and a fresh one renamed into its place, so a
+writer always finds one; the old one is read again after a grace period, for a
+writer that opened it just before.
 """
 
 from __future__ import annotations
@@ -28,14 +29,13 @@ import attrs
 
 from dovenotify.core.directories import make_dirs
 
-DIR_MODE = 0o3733
+DIR_MODE = 0o711
 CHUNK = 64 * 1024
 DRAINING = ".draining"
-# ACL entries (tag, permissions): owner rw, group r, others nothing; xattr format
-# of <linux/posix_acl_xattr.h>, version 2.
-_DEFAULT_ACL = struct.pack("<I", 2) + b"".join(
-    struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((0x01, 6), (0x04, 4), (0x20, 0))
-)
+# Made aside, given its ACL, then renamed into place: never seen without it.
+NEW = ".new"
+# ACL tags of <linux/posix_acl_xattr.h>.
+USER_OBJ, USER, GROUP_OBJ, MASK, OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
 
 
 def legacy(path: Path) -> Path:
@@ -44,9 +44,10 @@ def legacy(path: Path) -> Path:
 
 
 def create(path: Path) -> str | None:
-    """Make the spool directory with the owner and modes its writers need.
+    """Make the spool directory, mode 0711, owned by the service's user.
 
-    Returns a problem that leaves it usable but not for every writer: no ACLs here.
+    Returns a problem that leaves it usable but slower: no ACLs here, so mail
+    processes cannot have files of their own and send over the event socket.
     """
     if path.is_file() and not path.is_symlink():
         os.replace(path, legacy(path))
@@ -59,14 +60,76 @@ def create(path: Path) -> str | None:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise OSError(f"{path} is not a directory of dovenotify's user")
     os.chmod(path, DIR_MODE)
+    # An older dovenotify's, for files its writers made.
+    with contextlib.suppress(OSError):
+        os.removexattr(path, "system.posix_acl_default")
     try:
-        os.setxattr(path, "system.posix_acl_default", _DEFAULT_ACL)
+        # The ACL of mode 0711 changes nothing, but fails where ACLs do.
+        os.setxattr(
+            path, "system.posix_acl_access", _acl((USER_OBJ, 7), (GROUP_OBJ, 1), (OTHER, 1))
+        )
     except OSError as e:
         return (
-            f"cannot give {path} a default ACL ({e.strerror}): files Dovecot's umask"
-            " makes 0600 can be read only if dovenotify runs as root"
+            f"cannot set ACLs in {path} ({e.strerror}): mail processes cannot have"
+            " spool files of their own, so their events come over the event socket,"
+            " which costs each delivery more"
         )
     return None
+
+
+def _acl(*entries: tuple[int, int], user: int | None = None) -> bytes:
+    """An ACL in xattr format, version 2: (tag, permissions) entries in tag order,
+    with a write-only entry for a named `user` after the owner's."""
+    packed = [struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries]
+    if user is not None:
+        packed.insert(1, struct.pack("<HHI", USER, 2, user))
+    return struct.pack("<I", 2) + b"".join(packed)
+
+
+def file_of(path: Path, uid: int) -> Path:
+    return path / str(uid)
+
+
+def provide(path: Path, uid: int) -> Path:
+    """`uid`'s file in the spool, made if missing (see `fresh`)."""
+    target = file_of(path, uid)
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            return target
+    os.replace(fresh(path, uid), target)
+    return target
+
+
+def fresh(path: Path, uid: int) -> Path:
+    """An empty file aside that becomes `uid`'s when renamed to its name: owned by
+    the service, appendable by `uid` alone (owner rw, user:uid w, mask w)."""
+    new = path / f"{uid}{NEW}"
+    new.unlink(missing_ok=True)
+    fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        acl = _acl((USER_OBJ, 6), (GROUP_OBJ, 0), (MASK, 2), (OTHER, 0), user=uid)
+        os.setxattr(fd, "system.posix_acl_access", acl)
+    except OSError:
+        new.unlink()
+        raise
+    finally:
+        os.close(fd)
+    return new
+
+
+def rotate(path: Path, uid: int) -> Path:
+    """Put a fresh file in place of `uid`'s; return the old one, linked aside, to be
+    read once more when writers that opened it just before are done."""
+    target = file_of(path, uid)
+    aside = path / f"{uid}{DRAINING}"
+    aside.unlink(missing_ok=True)
+    os.link(target, aside)
+    os.replace(fresh(path, uid), target)
+    return aside
 
 
 @attrs.frozen

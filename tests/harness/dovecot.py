@@ -36,7 +36,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import attrs
@@ -44,6 +44,7 @@ import pytest
 import trustme
 
 from dovenotify.dovecot.config import VERSIONS, installed_dovecot_version
+from dovenotify.events import spool
 from tests.harness import chroot
 
 MAIL_USER = "nobody"
@@ -647,6 +648,49 @@ class EventSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SpoolSink:
+    """dovenotify's event spool, made as the service makes it, and read as it reads it.
+
+    The directory is created by `spool.create`, with a file for each of `uids`
+    (the Lua driver's uid: the mail uid). `wait_for` reads what was appended
+    since, until the predicate holds.
+    """
+
+    def __init__(self, path: Path, uids: Iterable[int]) -> None:
+        self.path = path
+        self.lines: list[str] = []
+        self._offsets: dict[str, int] = {}
+        self._partial: dict[str, bytes] = {}
+        assert spool.create(path) is None
+        for uid in uids:
+            spool.provide(path, uid)
+
+    def poll(self) -> None:
+        for entry in sorted(self.path.iterdir()):
+            with entry.open("rb") as f:
+                f.seek(self._offsets.get(entry.name, 0))
+                data = self._partial.get(entry.name, b"") + f.read()
+                self._offsets[entry.name] = f.tell()
+            complete, _, self._partial[entry.name] = data.rpartition(b"\n")
+            if complete:
+                self.lines.extend((complete + b"\n").decode().splitlines(keepends=True))
+
+    def wait_for(self, predicate: Callable[[SpoolSink], bool], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            if predicate(self):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out; lines so far: {self.lines!r}")
+            # Nothing tells a test that a file grew: look again soon.
+            time.sleep(0.002)
+
+    def wait_lines(self, count: int, timeout: float = 5.0) -> list[str]:
+        self.wait_for(lambda sink: len(sink.lines) >= count, timeout)
+        return list(self.lines)
 
 
 # --- pytest fixtures ---------------------------------------------------------

@@ -15,18 +15,16 @@ def read(spooled: spool.Spooled) -> bytes:
     return data
 
 
-def test_the_directory_lets_each_uid_write_only_its_own_file(tmp_path):
+def test_rotation_keeps_what_a_writer_appends_after_it(tmp_path):
     path = tmp_path / "events.spool"
-    assert spool.create(path) is None
-    assert os.stat(path).st_mode & 0o7777 == spool.DIR_MODE
-    old = os.umask(0o077)  # as Dovecot's mail processes have it
-    try:
-        with open(path / "1000", "ab"):
-            pass
-    finally:
-        os.umask(old)
-    # The default ACL, not the writer's umask, decides: the service's group reads.
-    assert os.stat(path / "1000").st_mode & 0o777 == 0o640
+    spool.create(path)
+    own = spool.provide(path, 1000)
+    with open(own, "ab", buffering=0) as writer:  # opened before the rotation
+        writer.write(NEW)
+        aside = spool.rotate(path, 1000)
+        writer.write(FLAGS)  # ... and wrote just after
+    assert aside.read_bytes() == NEW + FLAGS
+    assert own.read_bytes() == b"" and os.stat(own).st_ino != os.stat(aside).st_ino
 
 
 def test_an_old_single_spool_file_is_moved_aside_to_be_drained(tmp_path):

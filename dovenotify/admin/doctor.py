@@ -24,7 +24,7 @@ import socket
 import ssl
 import stat
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -38,6 +38,7 @@ from dovenotify.apns import certificates
 from dovenotify.apns.auth import Auth, load_auth
 from dovenotify.core import config as configuration
 from dovenotify.dovecot.config import PLUGINS, VERSIONS
+from dovenotify.events import spool
 from dovenotify.store.backends import open_store
 from dovenotify.store.base import StoreError
 
@@ -186,23 +187,22 @@ def check_sockets(f: Findings) -> Verdict:
     if f.config is None or f.dovecot is None:
         return _skipped("sockets", "config" if f.config is None else "dovecot")
     mail, internal = ", ".join(f.mail_users) or "no mail user", f.dovecot.internal_user
-    wanted = [(f.config.relay_socket, internal, True)]
+    wanted = [(f.config.relay_socket, internal)]
     for user in f.mail_users:
-        wanted.insert(0, (f.config.event_socket, user, True))
-        # Where the Lua driver keeps events while the socket does not answer.
-        wanted.append((f.config.event_spool, user, False))
-    problems = [
-        problem
-        for path, user, is_socket in wanted
-        if (problem := write_problem(path, user, is_socket=is_socket))
+        wanted.insert(0, (f.config.event_socket, user))
+    problems = [problem for path, user in wanted if (problem := write_problem(path, user))]
+    # Where the Lua driver appends each transaction's events.
+    problems += [
+        problem for user in f.mail_users if (problem := spool_problem(f.config.event_spool, user))
     ]
     if problems:
         return Verdict(
             "sockets",
             False,
             "; ".join(problems),
-            f"start {_relay_runners(f.config)}; it creates the sockets (mode 0666) and the "
-            "event spool directory (3733); their directories must let Dovecot's users in",
+            f"start {_relay_runners(f.config)}; it creates the sockets (mode 0666), the "
+            "event spool directory (0711) and a file in it for each mail uid (at its first "
+            "event); their directories must let Dovecot's users in",
         )
     return Verdict(
         "sockets",
@@ -475,32 +475,58 @@ def dovecot_problems(
 # --- sockets, as the users that use them ------------------------------------
 
 
-def write_problem(path: Path, user: str, *, is_socket: bool) -> str | None:
-    """Why `user` could not connect to the socket (or make its file in the spool
-    directory) at `path`."""
+def write_problem(path: Path, user: str) -> str | None:
+    """Why `user` could not connect to the socket at `path`."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return f"{path} does not exist"
     except OSError as e:
         return f"{path}: {e.strerror}"
-    if is_socket and not stat.S_ISSOCK(st.st_mode):
+    if not stat.S_ISSOCK(st.st_mode):
         return f"{path} is not a socket"
-    if not is_socket and not stat.S_ISDIR(st.st_mode):
-        return f"{path} is not a directory"
     try:
         entry = _user(user)
     except KeyError as e:
         return e.args[0]
     groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    for directory in reversed(path.parents):
-        if not _may(directory.stat(), entry.pw_uid, groups, 0o1):
-            return f"{user} cannot enter {directory}"
-    if not _may(st, entry.pw_uid, groups, 0o2 if is_socket else 0o3):
+    if problem := _entry_problem(path.parents, entry, groups, user):
+        return problem
+    if not _may(st, entry.pw_uid, groups, 0o2):
         return (
             f"{user} may not write to {path} "
             f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {_name(st.st_uid)})"
         )
+    return None
+
+
+def spool_problem(path: Path, user: str) -> str | None:
+    """Why `user`'s mail processes could not append to their file in the spool at
+    `path`. No file yet is fine: the service makes it at the uid's first event."""
+    try:
+        entry = _user(user)
+        if not path.is_dir():
+            return f"{path} is not a directory" if path.exists() else f"{path} does not exist"
+        groups = set(os.getgrouplist(entry.pw_name, entry.pw_gid))
+        if problem := _entry_problem([path, *path.parents], entry, groups, user):
+            return problem
+        own = spool.file_of(path, entry.pw_uid)
+        if own.exists() and not spool.appendable(own, entry.pw_uid):
+            return f"{user} may not append to {own}: dovenotify gives it an ACL saying so"
+    except KeyError as e:
+        return e.args[0]
+    except OSError as e:
+        return f"{path}: {e.strerror}"
+    return None
+
+
+def _entry_problem(
+    directories: Iterable[Path], entry: pwd.struct_passwd, groups: set[int], user: str
+) -> str | None:
+    """Which of `directories` (a path's parents) `user` cannot enter, if any."""
+    for directory in sorted(directories, key=lambda d: len(d.parts)):
+        if not _may(directory.stat(), entry.pw_uid, groups, 0o1):
+            return f"{user} cannot enter {directory}"
     return None
 
 
@@ -697,10 +723,14 @@ def lua_library(plugin_dir: Path) -> Path:
 # Runs in the mail user's process. Errors start with a kind for LUA_FIXES.
 _LUA_PROBE = """
 local script, path = [==[%s]==], [==[%s]==]
+-- What Dovecot gives scripts: a warning (e.g. bytecode of another Lua) is a problem.
+local warned
+dovecot = { i_warning = function(text) warned = warned or text end }
 local chunk, err = loadfile(script)
 if not chunk then error("script: " .. tostring(err), 0) end
 local ok, loaded = pcall(chunk)
 if not ok then error("script: " .. tostring(loaded), 0) end
+if warned then error("script: " .. warned, 0) end
 local ok2, unix = pcall(require, "socket.unix")
 if not ok2 then error("lua-socket: " .. tostring(unix), 0) end
 local conn = (unix.stream or unix)()
@@ -712,7 +742,8 @@ if not connected then error("connect: " .. path .. ": " .. tostring(cerr), 0) en
 
 
 def run_lua_probe(library: Path, script: Path, socket_path: Path) -> str | None:
-    """Load the driver script and lua-socket in the Lua Dovecot uses, then connect."""
+    """Run the driver script (which loads the driver) and load lua-socket in the Lua
+    Dovecot uses, then connect to the socket the driver falls back to."""
     # Global, as in Dovecot: C modules such as lua-socket resolve lua_* from it.
     lua = ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
     lua.luaL_newstate.restype = ctypes.c_void_p

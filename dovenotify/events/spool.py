@@ -121,6 +121,20 @@ def fresh(path: Path, uid: int) -> Path:
     return new
 
 
+def appendable(path: Path, uid: int) -> bool:
+    """Whether `uid` may append to the spool file at `path`, as `fresh` makes them."""
+    st = os.lstat(path)
+    if st.st_uid == uid or uid == 0:
+        return uid == 0 or bool(st.st_mode & stat.S_IWUSR)
+    try:
+        acl = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
+    except OSError:
+        return False
+    entries = {(tag, ident): perm for tag, perm, ident in struct.iter_unpack("<HHI", acl[4:])}
+    mask = entries.get((MASK, 0xFFFFFFFF), 7)
+    return bool(entries.get((USER, uid), 0) & mask & 2)
+
+
 def rotate(path: Path, uid: int) -> Path:
     """Put a fresh file in place of `uid`'s; return the old one, linked aside, to be
     read once more when writers that opened it just before are done."""

@@ -145,7 +145,7 @@ async def test_doctor_names_each_breakage_and_its_fix(test_pki):
         assert v["sockets"][0] == "FAIL"
         assert "nobody may not write to" in v["sockets"][1]
         assert "mode 0600" in v["sockets"][1]
-        assert f"nobody may not write to {settings['event_spool']}" in v["sockets"][1]
+        assert f"nobody cannot enter {settings['event_spool']}" in v["sockets"][1]
         assert v["lua"][0] == "FAIL"
         assert "permission denied" in v["lua"][1].lower(), v["lua"]
         assert v["relay"][0] == "FAIL"
@@ -154,6 +154,22 @@ async def test_doctor_names_each_breakage_and_its_fix(test_pki):
         assert v["apns"][0] == "FAIL"
         assert "TLS failed" in v["apns"][1]
         assert "5 check(s) failed: dovecot, sockets, lua, relay, apns" in report.output
+
+
+async def test_doctor_names_bytecode_the_lua_of_dovecot_refuses(test_pki):
+    async with run_stack(test_pki, version=None) as stack:
+        # What an upgrade of Dovecot's Lua leaves: bytecode of another Lua version.
+        bytecode = stack.root / "dovecot-files" / "dovenotify-driver.luac"
+        bytecode.write_bytes(b"\x1bLua\x53" + bytecode.read_bytes()[5:])
+
+        report = await run_doctor(stack.service.config_path, stack.dovecot.conf_path)
+
+        assert report.code == 1, report.output
+        status, summary, fix = report.verdicts["lua"]
+        assert status == "FAIL"
+        assert f"as nobody: dovenotify: {bytecode}: bad binary format" in summary
+        assert "using the source instead, which is slower" in summary
+        assert "dovenotify dovecot-config --install" in fix
 
 
 async def test_doctor_stops_at_a_bad_config(tmp_path):

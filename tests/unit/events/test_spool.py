@@ -84,3 +84,13 @@ def test_a_big_spool_is_read_a_chunk_at_a_time(tmp_path):
         tracemalloc.stop()
     assert total > 7_000_000
     assert peak < 1_000_000, peak
+
+
+def test_a_file_is_appendable_by_its_uid_until_its_mode_takes_that_away(tmp_path):
+    path = tmp_path / "events.spool"
+    spool.create(path)
+    own = spool.provide(path, 4241)
+    assert spool.appendable(own, 4241) and not spool.appendable(own, 4242)
+    # chmod on a file with an ACL sets its mask: the named user's write goes.
+    own.chmod(0o600)
+    assert not spool.appendable(own, 4241)

@@ -16,6 +16,7 @@ import trio.testing
 import dovenotify
 from dovenotify.dovecot import config as dovecot_config
 from dovenotify.dovecot.config import installed_dovecot_version, render, render_example
+from dovenotify.dovecot.files import DOVECOT_FILES
 from tests.harness.dovecot import installation, make_root, write_config
 from tests.harness.imap_client import ImapClient
 
@@ -40,7 +41,7 @@ def test_example_files_are_what_render_produces(version: str):
     )
 
 
-@pytest.mark.parametrize("name", ["dovenotify.lua", "dovenotify-driver.lua"])
+@pytest.mark.parametrize("name", [n for n in DOVECOT_FILES if n.endswith(".lua")])
 def test_example_lua_script_is_the_package_script(name: str):
     link = REPO / "dovecot-conf" / name
     assert link.is_symlink()

@@ -1,0 +1,1 @@
+../dovenotify/dovecot/dovenotify-loader.lua

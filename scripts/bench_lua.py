@@ -9,7 +9,9 @@ differ from each other by up to ±0.15 whatever the driver):
           (a truly empty file makes the driver fail every delivery);
 - hooks:  the Lua driver with the same hooks as dovenotify's script, doing nothing;
 - script: the Lua driver with dovenotify's script, installed as
-          `dovecot-config --install` installs it, and a listener reading it.
+          `dovecot-config --install` installs it, appending to the event spool
+          made as the service makes it (a file for the mail uid), read after
+          each delivery.
 
 Deliveries rotate across the users, one round after another, each round
 starting one further along (none, empty, hooks, script; then empty, hooks,

@@ -5,9 +5,11 @@ ratio when other work shares the machine. This emulates, with the Lua library
 Dovecot links (through ctypes), what the push_notification Lua driver does for
 one LMTP delivery: a fresh state with the standard libraries, the script
 loaded and run, script_init with 2.4-style settings, then begin_txn, one
-MessageNew, end_txn (sending to a unix socket this process listens on), a
-full garbage collection and lua_close. Scripts are measured in rotation, and
-the time of each phase is given, so a change shows where it saves.
+MessageNew, end_txn (appending to a spool file made as the service makes
+them; a script of an older dovenotify sends to a unix socket this process
+listens on), a full garbage collection and lua_close. Scripts are measured
+in rotation, and the time of each phase is given, so a change shows where it
+saves.
 
     python -m scripts.bench_lua_state [--rounds 3000] [--compare NAME=PATH]...
 """

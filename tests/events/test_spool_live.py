@@ -1,0 +1,183 @@
+"""The event spool read live by a running `dovenotify serve`.
+
+A writer process running as Dovecot's mail uid appends lines to its own spool
+file, `<event_spool>/<uid>`, as the Lua driver does (one write, O_APPEND). The
+service pushes each line within milliseconds, once; a partial line when it is
+complete; nothing is lost when the file is set aside while a writer holds it
+open; a file made under another uid's name is removed and that uid's devices
+are pushed; lines left in the spool while the service was away are pushed when
+it is back.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import trio
+
+from tests.harness.dovecot import MAIL_USER, installation
+from tests.harness.service import run_service
+from tests.harness.stack import Stack, run_stack
+
+ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
+ALICE, BOB = "ab" * 32, "cd" * 32
+ALICE_NEW = b"MessageNew\talice\tINBOX\tlmtp\n"
+BOB_NEW = b"MessageNew\tbob\tINBOX\tlmtp\n"
+# Nobody registered carol: lines for her push nobody, they only fill a file.
+FILLER = b"MessageNew\tcarol\tINBOX\tlmtp\n"
+
+# Commands on stdin, one a line, each answered `ok` once done: `append HEX` opens
+# the file, writes once and closes it, as the driver does; `open`, `write HEX` and
+# `close` hold it open in between.
+WRITER = textwrap.dedent(
+    """
+    import sys
+    path, held = sys.argv[1], None
+    for line in sys.stdin:
+        command, _, data = line.strip().partition(" ")
+        if command == "append":
+            with open(path, "ab", buffering=0) as f:
+                f.write(bytes.fromhex(data))
+        elif command == "open":
+            held = open(path, "ab", buffering=0)
+        elif command == "write":
+            held.write(bytes.fromhex(data))
+        elif command == "close":
+            held.close()
+        print("ok", flush=True)
+    """
+)
+
+
+class Writer:
+    """A process running as `uid`, appending to its spool file in `spool`."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+
+    def _do(self, command: str) -> None:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline() == "ok\n", self.process.stderr
+
+    async def do(self, command: str, data: bytes = b"") -> None:
+        await trio.to_thread.run_sync(self._do, f"{command} {data.hex()}".strip())
+
+
+@contextmanager
+def writer(spool: Path, uid: int) -> Iterator[Writer]:
+    with subprocess.Popen(
+        ["/usr/bin/python3", "-I", "-c", WRITER, str(spool / str(uid))],
+        user=uid,
+        group=uid,
+        extra_groups=[],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as process:
+        try:
+            yield Writer(process)
+        finally:
+            assert process.stdin is not None
+            process.stdin.close()
+            process.wait(timeout=10)
+
+
+async def register(stack: Stack) -> None:
+    for user, token in (("alice", ALICE), ("bob", BOB)):
+        phone = await stack.iphone(user)
+        assert (await phone.xapplepushservice(ACCOUNT, token, ["INBOX"])).ok
+        await phone.logout()
+
+
+def mail_uid(dovecot_version: str) -> int:
+    return installation(dovecot_version).uid(MAIL_USER)
+
+
+async def pushed(stack: Stack) -> str:
+    return (await stack.standin.next_request()).path.rsplit("/", 1)[1]
+
+
+async def nothing_pushed(stack: Stack, seconds: float = 0.3) -> None:
+    # Proving that nothing happens takes a while of watching.
+    with trio.move_on_after(seconds):
+        request = await stack.standin.next_request()
+        raise AssertionError(f"unexpected push {request.path}")
+
+
+async def test_each_spooled_line_is_pushed_at_once_and_once(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        await register(stack)
+        spool = Path(stack.settings["event_spool"])
+        with writer(spool, mail_uid(dovecot_version)) as w:
+            started = time.monotonic()
+            await w.do("append", ALICE_NEW)
+            assert await pushed(stack) == ALICE
+            print(f"\nappend to push: {(time.monotonic() - started) * 1000:.1f} ms")
+            # A second append to the same file: only its own line is handled.
+            await w.do("append", BOB_NEW)
+            assert await pushed(stack) == BOB
+            # Half a line is held until its rest arrives.
+            await w.do("append", ALICE_NEW[:15])
+            await nothing_pushed(stack)
+            await w.do("append", ALICE_NEW[15:])
+            assert await pushed(stack) == ALICE
+        await nothing_pushed(stack)
+        assert len(stack.standin.requests) == 3
+        log = stack.service.log_text()
+        assert "made while dovenotify was away" not in log and "Traceback" not in log
+
+
+async def test_a_file_set_aside_while_a_writer_holds_it_loses_nothing(test_pki, dovecot_version):
+    # Files are set aside at half of event_spool_size (or 64 KiB): here 2048 bytes.
+    async with run_stack(test_pki, {"event_spool_size": 4096}, version=dovecot_version) as stack:
+        await register(stack)
+        spool = Path(stack.settings["event_spool"])
+        uid = mail_uid(dovecot_version)
+        aside = spool / f"{uid}.draining"
+        with writer(spool, uid) as held, writer(spool, uid) as w:
+            await held.do("open")  # as a driver between its open and its write
+            await w.do("append", FILLER * (2048 // len(FILLER) + 1))
+            with trio.fail_after(5):
+                while not aside.exists():
+                    await trio.sleep(0.005)
+            # Into the file set aside, after the service read it to its end.
+            await held.do("write", ALICE_NEW)
+            await held.do("close")
+            # A new file takes the name.
+            await w.do("append", BOB_NEW)
+            assert {await pushed(stack), await pushed(stack)} == {ALICE, BOB}
+        with trio.fail_after(5):
+            while aside.exists():
+                await trio.sleep(0.01)
+        await nothing_pushed(stack)
+        assert len(stack.standin.requests) == 2
+
+
+async def test_a_squatted_file_goes_and_left_lines_are_pushed_at_start(test_pki, dovecot_version):
+    async with run_stack(test_pki, version=dovecot_version) as stack:
+        await register(stack)
+        spool = Path(stack.settings["event_spool"])
+        uid = mail_uid(dovecot_version)
+        # Root makes the mail uid's file first: the mail uid may have lost lines,
+        # and it may send events for anyone: every device is pushed, at once.
+        with open(spool / str(uid), "ab") as squat:
+            squat.write(ALICE_NEW)
+        assert {await pushed(stack), await pushed(stack)} == {ALICE, BOB}
+        await stack.service.wait_for_log(f"the spool of uid {uid}")
+        assert not (spool / str(uid)).exists()
+        # Lines appended while the service is away are pushed when it is back.
+        assert await stack.service.stop() == 0
+        with writer(spool, uid) as w:
+            await w.do("append", BOB_NEW + BOB_NEW)
+        async with run_service(stack.root / "service", stack.settings) as service:
+            assert await pushed(stack) == BOB
+            await service.wait_for_log("1 event line(s) from the spool of uid")
+            await nothing_pushed(stack)
+        assert len(stack.standin.requests) == 3

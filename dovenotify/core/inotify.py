@@ -59,6 +59,22 @@ def parse(buffer: bytes) -> list[Event]:
     return events
 
 
+_CAUSES = {
+    errno.ENOSYS: "this kernel has no inotify",
+    errno.EMFILE: "this user has all the inotify instances it may"
+    " (sysctl fs.inotify.max_user_instances)",
+    errno.ENOSPC: "this user has all the inotify watches it may"
+    " (sysctl fs.inotify.max_user_watches)",
+    errno.ENFILE: "the system has run out of open files",
+    errno.ENOMEM: "the kernel is out of memory",
+}
+
+
+def cause(e: OSError) -> str:
+    """Why a watch could not be had, for a person reading the log."""
+    return _CAUSES.get(e.errno or 0) or e.strerror or str(e)
+
+
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
 

@@ -98,7 +98,7 @@ class SpoolReader:
                 "cannot watch the event spool %s for changes (%s): looking at it every"
                 " %g s instead, so spooled events are pushed up to that much later",
                 self.path,
-                e.strerror or e,
+                inotify.cause(e),
                 POLL_INTERVAL,
             )
             return None
@@ -239,6 +239,8 @@ class SpoolReader:
             found = await trio.to_thread.run_sync(spool.aside, self.path, name)
             if found is not None:
                 await self._drain_aside(found)
+        except OSError as e:
+            self._cannot_read(e)
         finally:
             self.tail.rotated(name.removesuffix(spool.DRAINING))
 

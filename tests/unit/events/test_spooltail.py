@@ -1,5 +1,6 @@
 """Following spool files live: inotify's events, offsets, partial lines, rotation."""
 
+import errno
 import os
 import struct
 
@@ -67,6 +68,12 @@ def test_the_kernel_says_when_a_writer_closes_a_file_it_appended_to(tmp_path):
         watch.close()
     with pytest.raises(NotADirectoryError):
         inotify.Watch.open(tmp_path / "1000.draining", mask)
+
+
+def test_a_watch_that_cannot_be_had_is_explained():
+    limit = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert "fs.inotify.max_user_watches" in inotify.cause(limit)
+    assert inotify.cause(OSError(errno.EACCES, "Permission denied")) == "Permission denied"
 
 
 def seen(

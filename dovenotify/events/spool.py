@@ -177,8 +177,10 @@ def look(path: Path, name: str, known: tuple[int, int] | None, limit: int) -> Se
     try:
         st = os.lstat(path / name)
         if stat.S_ISREG(st.st_mode):
-            if known == (st.st_ino, st.st_size) or named_uid(name) != st.st_uid:
-                return _seen(name, st)  # nothing new, or nothing to read
+            if known == (st.st_ino, st.st_size):
+                return _seen(name, st, st.st_size)  # nothing new
+            if named_uid(name) != st.st_uid:
+                return _seen(name, st)  # nothing to read: it is to be removed
             fd = _open(path / name)
             try:
                 st = os.fstat(fd)

@@ -123,6 +123,9 @@ async def test_each_spooled_line_is_pushed_at_once_and_once(test_pki, dovecot_ve
             # A second append to the same file: only its own line is handled.
             await w.do("append", BOB_NEW)
             assert await pushed(stack) == BOB
+            # Closed with nothing written (the kernel says so all the same).
+            await w.do("open")
+            await w.do("close")
             # Half a line is held until its rest arrives.
             await w.do("append", ALICE_NEW[:15])
             await nothing_pushed(stack)

@@ -161,10 +161,26 @@ def test_look_reads_from_the_offset_of_the_same_inode_only(tmp_path):
     assert later is not None and (later.start, later.data) == (len(NEW), FLAGS)
     # Bounded per look.
     assert spool.look(tmp_path, "1000", None, 10).data == NEW[:10]
-    # Read to its end: nothing opened.
-    assert spool.look(tmp_path, "1000", (first.ino, first.size), 1024).data == b""
+    # Read to its end: nothing new, from where it was.
+    unchanged = spool.look(tmp_path, "1000", (first.ino, first.size), 1024)
+    assert unchanged is not None and (unchanged.start, unchanged.data) == (first.size, b"")
     (tmp_path / "1000").unlink()
     assert spool.look(tmp_path, "1000", (first.ino, 0), 1024) is None
     (tmp_path / "1000").symlink_to("/etc/passwd")
     link = spool.look(tmp_path, "1000", None, 1024)
     assert link is not None and not link.regular and link.data == b""
+
+
+def test_looking_again_at_an_unchanged_file_reads_nothing_twice(tmp_path):
+    """A writer that closes without writing, a rescan: the same file, nothing new."""
+    tail = SpoolTail(line_max=1024, budget=1 << 20)
+    name = str(os.getuid())
+    (tmp_path / name).write_bytes(NEW + FLAGS[:5])
+    steps = []
+    for _ in range(3):
+        steps.append(tail.took(name, spool.look(tmp_path, name, tail.known(name), 1024), 0.0))
+    with open(tmp_path / name, "ab") as f:
+        f.write(FLAGS[5:])
+    steps.append(tail.took(name, spool.look(tmp_path, name, tail.known(name), 1024), 1.0))
+    assert [events(step) for step in steps] == [["MessageNew"], [], [], ["FlagsSet"]]
+    assert all(step.ended is None and step.tail is steps[0].tail for step in steps)

@@ -164,6 +164,8 @@ class Seen:
     regular: bool = True
     start: int = 0
     data: bytes = b""
+    # Why it could not be read (its mode, where no default ACL gives us a say).
+    problem: str | None = None
 
     @property
     def squatted(self) -> bool:
@@ -181,7 +183,10 @@ def look(path: Path, name: str, known: tuple[int, int] | None, limit: int) -> Se
                 return _seen(name, st, st.st_size)  # nothing new
             if named_uid(name) != st.st_uid:
                 return _seen(name, st)  # nothing to read: it is to be removed
-            fd = _open(path / name)
+            try:
+                fd = _open(path / name)
+            except PermissionError as e:
+                return _seen(name, st, problem=e.strerror or str(e))
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
@@ -200,9 +205,11 @@ def look(path: Path, name: str, known: tuple[int, int] | None, limit: int) -> Se
         return None
 
 
-def _seen(name: str, st: os.stat_result, start: int = 0, data: bytes = b"") -> Seen:
+def _seen(
+    name: str, st: os.stat_result, start: int = 0, data: bytes = b"", problem: str | None = None
+) -> Seen:
     regular = stat.S_ISREG(st.st_mode)
-    return Seen(name, st.st_ino, st.st_uid, st.st_gid, st.st_size, regular, start, data)
+    return Seen(name, st.st_ino, st.st_uid, st.st_gid, st.st_size, regular, start, data, problem)
 
 
 def look_all(

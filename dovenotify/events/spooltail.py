@@ -64,6 +64,8 @@ class Step:
     items: list[Event | BadLine] = attrs.field(factory=list)
     # This life was read as far as it may be: push everyone, remove the file.
     overflow: bool = False
+    # It cannot be read: left alone (the driver fills it, then uses the socket).
+    problem: str | None = None
 
 
 @attrs.define
@@ -95,6 +97,9 @@ class SpoolTail:
             self.tails.pop(name, None)
             squatter = named_uid(name) if seen.regular else None
             return Step(remove=True, squatted=squatter, ended=old)
+        if seen.problem is not None:
+            self.tails.pop(name, None)
+            return Step(ended=old, problem=seen.problem)
         ended = None
         tail = old
         if old is None or old.ino != seen.ino or seen.start != old.offset:

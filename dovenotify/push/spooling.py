@@ -181,6 +181,14 @@ class SpoolReader:
                 named = self._named(step.squatted)
                 if named.any_user or named.own is not None:  # else it has nobody to push
                     await self.intake.push_everyone(named)
+            if step.problem is not None and self.intake.quiet.loud(spool.named_uid(name) or -1):
+                log.warning(
+                    "cannot read the spool file %s (%s): its events are not pushed;"
+                    " without the spool directory's default ACL (a file system without"
+                    " ACLs?) only root can read what Dovecot's umask makes 0600",
+                    self.path / name,
+                    step.problem,
+                )
             if step.tail is None:
                 continue
             life = self._lives.get(name)

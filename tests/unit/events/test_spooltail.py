@@ -184,3 +184,12 @@ def test_looking_again_at_an_unchanged_file_reads_nothing_twice(tmp_path):
     steps.append(tail.took(name, spool.look(tmp_path, name, tail.known(name), 1024), 1.0))
     assert [events(step) for step in steps] == [["MessageNew"], [], [], ["FlagsSet"]]
     assert all(step.ended is None and step.tail is steps[0].tail for step in steps)
+
+
+def test_a_file_that_cannot_be_read_is_left_alone_and_said_so():
+    tail = SpoolTail(line_max=1024, budget=1 << 20)
+    tail.took("1000", seen(NEW), 0.0)
+    unreadable = Seen("1000", 5, UID, 100, 60, problem="Permission denied")
+    step = tail.took("1000", unreadable, 1.0)
+    assert (step.problem, step.remove, step.items) == ("Permission denied", False, [])
+    assert step.ended is not None and tail.tails == {}

@@ -6,11 +6,16 @@ service pushes each line within milliseconds, once; a partial line when it is
 complete; nothing is lost when the file is set aside while a writer holds it
 open; a file made under another uid's name is removed and that uid's devices
 are pushed; lines left in the spool while the service was away are pushed when
-it is back.
+it is back. Without inotify, the service says why once and looks every 0.5 s.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import pwd
+import shutil
 import subprocess
 import textwrap
 import time
@@ -18,10 +23,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
+from tests.harness.apns_standin import ApnsStandin
+from tests.harness.certs import Pki
 from tests.harness.dovecot import MAIL_USER, installation
-from tests.harness.service import run_service
+from tests.harness.service import run_service, service_layout
 from tests.harness.stack import Stack, run_stack
 
 ACCOUNT = "0715A26B-CA09-4730-A419-793000CA982E"
@@ -184,3 +192,69 @@ async def test_a_squatted_file_goes_and_left_lines_are_pushed_at_start(test_pki,
             await service.wait_for_log("1 event line(s) from the spool of uid")
             await nothing_pushed(stack)
         assert len(stack.standin.requests) == 3
+
+
+# Takes every inotify instance its user may have, says how many, and holds them
+# until its stdin closes.
+HOARDER = textwrap.dedent(
+    """
+    import ctypes, sys
+    libc, held = ctypes.CDLL(None, use_errno=True), []
+    while (fd := libc.inotify_init1(0)) >= 0:
+        held.append(fd)
+    print(len(held), ctypes.get_errno(), flush=True)
+    sys.stdin.read()
+    """
+)
+# Its own user: taking all of nobody's inotify instances would break the IMAP
+# IDLE of Dovecots that other tests run at the same time.
+SERVICE = f"dnspool{os.getpid()}"
+
+
+@pytest.fixture
+def service_user() -> Iterator[pwd.struct_passwd]:
+    with contextlib.suppress(KeyError):
+        pwd.getpwnam(SERVICE)
+        subprocess.run(["deluser", "--quiet", SERVICE], check=True, capture_output=True)
+    subprocess.run(
+        ["adduser", "--quiet", "--system", "--group", "--no-create-home", SERVICE],
+        check=True,
+    )
+    try:
+        yield pwd.getpwnam(SERVICE)
+    finally:
+        subprocess.run(["deluser", "--quiet", SERVICE], check=True, capture_output=True)
+
+
+async def test_without_inotify_the_spool_is_looked_at_every_half_second(
+    test_pki: Pki, apns_standin: ApnsStandin, service_user: pwd.struct_passwd
+) -> None:
+    certificate = test_pki.client.combined_pem
+    root, settings = service_layout(test_pki, apns_standin.url, certificate, SERVICE)
+    settings["log_level"] = "debug"
+    try:
+        with subprocess.Popen(
+            ["/usr/bin/python3", "-I", "-c", HOARDER],
+            user=service_user.pw_uid,
+            group=service_user.pw_gid,
+            extra_groups=[],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        ) as hoarder:
+            assert hoarder.stdout is not None and hoarder.stdin is not None
+            held, error = map(int, hoarder.stdout.readline().split())
+            assert held > 0 and error == errno.EMFILE
+            async with run_service(root / "service", settings, user=SERVICE) as service:
+                hoarder.stdin.close()
+                spool = Path(settings["event_spool"])
+                # Root may send events for anyone; doveadm's are not pushed, only logged.
+                for mailbox in ("INBOX", "Drafts"):  # the second once the service is running
+                    with open(spool / "0", "ab") as f:
+                        f.write(b"MessageNew\talice\t%s\tdoveadm\n" % mailbox.encode())
+                    await service.wait_for_log(f"ignored MessageNew in {mailbox} from doveadm")
+                log = service.log_text()
+                assert log.count("cannot watch the event spool") == 1
+                assert "fs.inotify.max_user_instances" in log
+    finally:
+        shutil.rmtree(root)

@@ -148,10 +148,6 @@ def chunks(path: Path, offset: int = 0, ino: int | None = None) -> Iterator[byte
             yield chunk
 
 
-def listing(path: Path) -> list[str]:
-    return os.listdir(path)
-
-
 @attrs.frozen
 class Seen:
     """One look at a spool file: what lstat/fstat said, and the bytes read at `start`."""

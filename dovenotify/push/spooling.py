@@ -144,7 +144,7 @@ class SpoolReader:
 
     async def _rescan(self, nursery: trio.Nursery) -> set[str]:
         try:
-            found = await trio.to_thread.run_sync(spool.listing, self.path)
+            found = await trio.to_thread.run_sync(os.listdir, self.path)
             self._problem = None
         except OSError as e:
             self._cannot_read(e)

@@ -246,10 +246,11 @@ async def test_without_inotify_the_spool_is_looked_at_every_half_second(
             held, error = map(int, hoarder.stdout.readline().split())
             assert held > 0 and error == errno.EMFILE
             async with run_service(root / "service", settings, user=SERVICE) as service:
+                await service.wait_for_log("cannot watch the event spool")
                 hoarder.stdin.close()
                 spool = Path(settings["event_spool"])
                 # Root may send events for anyone; doveadm's are not pushed, only logged.
-                for mailbox in ("INBOX", "Drafts"):  # the second once the service is running
+                for mailbox in ("INBOX", "Drafts"):  # each once the service is reading
                     with open(spool / "0", "ab") as f:
                         f.write(b"MessageNew\talice\t%s\tdoveadm\n" % mailbox.encode())
                     await service.wait_for_log(f"ignored MessageNew in {mailbox} from doveadm")

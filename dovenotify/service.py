@@ -1,7 +1,7 @@
 """`dovenotify serve`: builds the parts from the configuration and runs them in one nursery.
 
 The parts are the relay (relay/, unless `dovenotify relay` holds it), the event
-intake (push/intake.py: socket, spool, dispatcher), the sending loop
+intake (push/intake.py and spooling.py: socket, spool, dispatcher), the sending loop
 (push/sending.py: outbox, APNs), the HTTP endpoints (admin/) and the expiry
 sweep (store/). Signals: SIGTERM/SIGINT stop accepting, push whatever is pending
 (delayed pushes included) for up to `drain_timeout` seconds, then exit. SIGHUP
@@ -30,6 +30,7 @@ from dovenotify.events import spool
 from dovenotify.events.dispatch import Dispatcher
 from dovenotify.events.peers import EventPolicy
 from dovenotify.push import Intake, Sending
+from dovenotify.push.spooling import SpoolReader
 from dovenotify.relay.listen import open_relay, register_keyed
 from dovenotify.store.backends import open_store
 from dovenotify.store.base import Registration, Store
@@ -100,7 +101,8 @@ async def serve(config: Config) -> None:
     except OSError as e:
         problem = (
             f"cannot create the event spool {config.event_spool} ({e.strerror or e}):"
-            " events sent while dovenotify is down will be lost"
+            " the Lua driver sends every event to the event socket instead, which costs"
+            " each delivery more, and what it sends while dovenotify is down is lost"
         )
     if problem:
         log.warning("%s", problem)
@@ -114,7 +116,7 @@ async def serve(config: Config) -> None:
             nursery.start_soon(serve_endpoints, endpoints, config.http_connections)
             nursery.start_soon(sweep_expired, store, config.registration_ttl)
             nursery.start_soon(sending.watch_expiry)
-            nursery.start_soon(intake.drain_spool)
+            nursery.start_soon(SpoolReader(intake).run)
             log.info(
                 "dovenotify is running: events on %s, relay %s, %s, APNs %s",
                 config.event_socket,

@@ -8,16 +8,27 @@ moment the stand-in receives the push (negative when the push arrived first:
 the Lua driver hands the event over before Dovecot sends its reply). A push
 counts for every delivery to its device whose DATA began before it arrived.
 
-    python -m scripts.bench_latency [--rate 50] [--seconds 20]
+Then the two ways an event reaches the service, side by side in one run: a line
+on the event socket (connect, send, close: the driver's fallback) and a line
+appended to the writer's spool file (open, one write, close: the driver's normal
+path), each from a process running as the mail uid, at a steady rate: the
+service's CPU per line (/proc/PID/task/*/schedstat, every thread) and the time
+from the write to the stand-in's push request.
+
+    python -m scripts.bench_latency [--rate 50] [--seconds 20] [--lines 2000]
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
+import os
 import re
 import statistics
+import subprocess
 import tempfile
+import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -27,7 +38,7 @@ import trio
 from scripts.bench_table import percentile, print_table
 from tests.harness.apns_standin import Answer, RecordedRequest
 from tests.harness.certs import make_test_pki
-from tests.harness.dovecot import deliver
+from tests.harness.dovecot import MAIL_USER, deliver, installation
 from tests.harness.postgres import running_postgres
 from tests.harness.stack import run_stack
 
@@ -126,6 +137,131 @@ async def measure(rate: float, seconds: float, database: str | None) -> None:
     )
 
 
+# Sends `count` copies of a line at `rate` per second, each as the driver would, and
+# answers `ok` when done: commands `socket|spool COUNT RATE HEXLINE` on stdin.
+WRITER = textwrap.dedent(
+    """
+    import socket, sys, time
+    spool_file, socket_path = sys.argv[1:]
+    def spool(line):
+        with open(spool_file, "ab", buffering=0) as f:
+            f.write(line)
+    def connect(line):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(socket_path)
+            s.sendall(line)
+    for command in sys.stdin:
+        how, count, rate, line = command.split()
+        send, line = spool if how == "spool" else connect, bytes.fromhex(line)
+        start = time.monotonic()
+        for i in range(int(count)):
+            time.sleep(max(0.0, start + i / float(rate) - time.monotonic()))
+            send(line)
+        print("ok", flush=True)
+    """
+)
+# Lines for a user with no device: the service reads, checks and looks them up,
+# and pushes nobody, so the CPU measured is the intake's.
+NOBODYS = b"MessageNew\tcarol\tINBOX\tlmtp\n"
+ALICES = b"MessageNew\talice\tINBOX\tlmtp\n"
+LATENCY_SAMPLES = 60
+
+
+def service_cpu_ns(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        # A thread may end between listing and reading.
+        with contextlib.suppress(OSError, ValueError):
+            total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+async def measure_intake(lines: int, rate: float) -> None:
+    arrivals: list[float] = []
+
+    def record(request: RecordedRequest) -> Answer:
+        arrivals.append(time.monotonic())
+        return Answer(200)
+
+    with tempfile.TemporaryDirectory(prefix="dovenotify-bench-pki-") as pki_dir:
+        pki = make_test_pki(Path(pki_dir))
+        async with run_stack(pki, {"log_level": "info"}, version=None, responder=record) as stack:
+            phone = await stack.iphone("alice")
+            assert (await phone.xapplepushservice(ACCOUNT, USERS["alice"], ["INBOX"])).ok
+            await phone.logout()
+            uid = installation(None).uid(MAIL_USER)
+            spool_file = Path(stack.settings["event_spool"]) / str(uid)
+            argv = ["/usr/bin/python3", "-I", "-c", WRITER, str(spool_file)]
+            argv.append(stack.settings["event_socket"])
+            pid = stack.service.process.pid
+            with subprocess.Popen(
+                argv, user=uid, group=uid, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            ) as writer:
+                assert writer.stdin is not None and writer.stdout is not None
+
+                def send(how: str, count: int, line: bytes) -> None:
+                    writer.stdin.write(f"{how} {count} {rate:g} {line.hex()}\n")
+                    writer.stdin.flush()
+                    assert writer.stdout.readline() == "ok\n"
+
+                async def pushed_after(how: str, line: bytes) -> float:
+                    before = len(arrivals)
+                    sent = time.monotonic()
+                    await trio.to_thread.run_sync(send, how, 1, line)
+                    with trio.fail_after(10):
+                        while len(arrivals) == before:
+                            await trio.sleep(0.001)
+                    return (arrivals[-1] - sent) * 1000
+
+                cpu: dict[str, list[float]] = defaultdict(list)
+                latency: dict[str, list[float]] = defaultdict(list)
+                for how in ("socket", "spool") * 2:
+                    await pushed_after(how, ALICES)  # settled: all before it is handled
+                    used = service_cpu_ns(pid)
+                    await trio.to_thread.run_sync(send, how, lines, NOBODYS)
+                    await pushed_after(how, ALICES)
+                    cpu[how].append((service_cpu_ns(pid) - used) / lines / 1000)
+                for _ in range(LATENCY_SAMPLES // 2):
+                    for how in ("socket", "spool"):
+                        latency[how].append(await pushed_after(how, ALICES))
+                        await trio.sleep(0.02)
+                writer.stdin.close()
+            problems = [
+                line
+                for line in stack.service.log_text().splitlines()
+                if " WARNING " in line or " ERROR " in line
+            ]
+
+    def ms(values: list[float]) -> str:
+        return f"{statistics.median(values):.2f} ms"
+
+    rows = [
+        (
+            f"service CPU per line, {how}",
+            f"{statistics.median(cpu[how]):.0f} µs",
+            "runs: " + ", ".join(f"{v:.0f}" for v in cpu[how]),
+        )
+        for how in ("socket", "spool")
+    ]
+    ratio = statistics.median(cpu["spool"]) / statistics.median(cpu["socket"])
+    rows.append(("spool ÷ socket, CPU per line", f"{ratio:.2f}", ""))
+    rows += [
+        (f"write → push request, {how}, median", ms(latency[how]), f"p90 {p90(latency[how])}")
+        for how in ("socket", "spool")
+    ]
+    rows.append(("service warnings and errors", str(len(problems)), ""))
+    print_table(
+        f"Socket vs spool: {lines} lines each way at {rate:g}/s, twice, from a process"
+        f" running as the mail uid; {LATENCY_SAMPLES // 2} pushes each way"
+        f" (load {os.getloadavg()[0]:.1f})",
+        rows,
+    )
+
+
+def p90(values: list[float]) -> str:
+    return f"{percentile(sorted(values), 90):.2f} ms"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rate", type=float, default=50.0, help="deliveries per second")
@@ -135,7 +271,15 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="keep registrations in a PostgreSQL server started for the run (default SQLite)",
     )
+    parser.add_argument(
+        "--lines",
+        type=int,
+        default=2000,
+        help="lines sent each way to compare the event socket with the spool (0: skip)",
+    )
     args = parser.parse_args(argv)
+    if args.lines:
+        trio.run(measure_intake, args.lines, 400.0)
     if not args.postgresql:
         trio.run(measure, args.rate, args.seconds, None)
         return

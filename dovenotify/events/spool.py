@@ -11,15 +11,19 @@ Files an older dovenotify let their writers make (the directory was then
 world-writable) are read once, under the rules they were written under, and
 removed.
 
-Rotation: a file is linked aside and a fresh one renamed into its place, so a
-writer always finds one; the old one is read again after a grace period, for a
-writer that opened it just before.
+Reading (push/spooling.py, spooltail.py): the service follows each file as it
+grows, from where it left off, and now and then rotates it: links it aside
+(`<uid>.draining`) and renames a fresh file into its place, so a writer always
+finds one; the one aside is read to its end after a grace period (for a writer
+that opened it just before) and removed. It reads in bounded chunks, each line
+handled as it is read, so memory does not grow with the file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import stat
 import struct
 from collections.abc import Iterator
@@ -100,6 +104,10 @@ def provide(path: Path, uid: int) -> Path:
     else:
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
             return target
+        aside = path / f"{uid}{DRAINING}"
+        if stat.S_ISREG(st.st_mode) and not os.path.lexists(aside):
+            # An older dovenotify's writer made it: read once, as what a crash left.
+            os.rename(target, aside)
     os.replace(fresh(path, uid), target)
     return target
 
@@ -146,6 +154,31 @@ def rotate(path: Path, uid: int) -> Path:
     return aside
 
 
+def named_uid(name: str) -> int | None:
+    """The uid a spool file's name claims (`1000`, `1000.draining`), if it claims one."""
+    claimed = name.removesuffix(DRAINING)
+    if claimed.isascii() and claimed.isdigit() and str(int(claimed)) == claimed:
+        return int(claimed)
+    return None
+
+
+def writer(name: str, st: os.stat_result) -> tuple[int, int]:
+    """Whose lines a spool file holds, (uid, gid): the uid it is named for when the
+    service made it, else (an older dovenotify's, or a hostile file) its owner."""
+    named = named_uid(name)
+    if named is None or st.st_uid != os.geteuid():
+        return st.st_uid, st.st_gid
+    try:
+        return named, pwd.getpwuid(named).pw_gid
+    except KeyError:
+        return named, -1
+
+
+def ours(name: str) -> bool:
+    """A name the service gives files it is making or setting aside, never a writer's."""
+    return name.endswith((DRAINING, NEW))
+
+
 @attrs.frozen
 class Spooled:
     """A spool file set aside for reading: its path, owner, and the uid its name claims."""
@@ -162,35 +195,143 @@ class Spooled:
 
 
 def set_aside(path: Path) -> list[Spooled]:
-    """Rename every non-empty spool file aside; return those (and any left by a crash)."""
+    """Set every non-empty spool file aside; return those (and any left by a crash)."""
     found = []
-    with os.scandir(path) as entries:
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            if not stat.S_ISREG(st.st_mode):
-                # Nothing the driver makes: a hostile FIFO, link or directory.
-                with contextlib.suppress(OSError):
-                    (os.rmdir if stat.S_ISDIR(st.st_mode) else os.unlink)(entry.path)
+    for name in os.listdir(path):
+        if name.endswith(NEW):
+            # Made by a `fresh` that a crash cut short.
+            remove(path / name)
+            continue
+        if not name.endswith(DRAINING):
+            try:
+                st = os.lstat(path / name)
+            except FileNotFoundError:
                 continue
-            name = entry.name
-            if not name.endswith(DRAINING):
-                if st.st_size == 0:
+            if stat.S_ISREG(st.st_mode):
+                if not st.st_size:
                     continue
-                os.rename(entry.path, entry.path + DRAINING)
+                move_aside(path, name, st)
                 name += DRAINING
-            claimed = name.removesuffix(DRAINING)
-            named_uid = int(claimed) if claimed.isascii() and claimed.isdigit() else None
-            found.append(Spooled(path / name, st.st_uid, st.st_gid, named_uid))
+        spooled = aside(path, name)
+        if spooled is not None:
+            found.append(spooled)
     return found
 
 
-def chunks(path: Path) -> Iterator[bytes]:
-    """The file's bytes, a chunk at a time (the caller removes it after)."""
+def aside(path: Path, name: str) -> Spooled | None:
+    """Spool file `name`, set aside: a regular file, or None (whatever else was
+    there is removed: nothing the driver makes, a hostile FIFO, link or directory)."""
+    try:
+        st = os.lstat(path / name)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        remove(path / name)
+        return None
+    return Spooled(path / name, *writer(name, st), named_uid(name))
+
+
+def move_aside(path: Path, name: str, st: os.stat_result | None = None) -> None:
+    """Set file `name` aside as `<name>.draining`: one the service made gets a fresh
+    file in its place (`rotate`), so its writer keeps appending; another's is moved."""
+    st = st or os.lstat(path / name)
+    uid = named_uid(name)
+    if uid is not None and st.st_uid == os.geteuid():
+        rotate(path, uid)
+    else:
+        os.rename(path / name, path / (name + DRAINING))
+
+
+def _open(path: Path) -> int:
     # O_NONBLOCK and O_NOFOLLOW: a FIFO or a link put in its place cannot hang or
     # redirect us; only a regular file is read.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+
+
+def chunks(path: Path, offset: int = 0, ino: int | None = None) -> Iterator[bytes]:
+    """The file's bytes from `offset` (from 0 if it is not inode `ino`), a chunk at a
+    time (the caller removes it after)."""
+    fd = _open(path)
     with open(fd, "rb") as spooled:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError(f"{path} is not a regular file")
+        if ino is None or st.st_ino == ino:
+            spooled.seek(offset)
         while chunk := spooled.read(CHUNK):
             yield chunk
+
+
+@attrs.frozen
+class Seen:
+    """One look at a spool file: what lstat/fstat said, and the bytes read at `start`."""
+
+    name: str
+    ino: int
+    uid: int
+    gid: int
+    size: int
+    regular: bool = True
+    start: int = 0
+    data: bytes = b""
+    # Why it could not be read (its mode, where no default ACL gives us a say).
+    problem: str | None = None
+
+    @property
+    def squatted(self) -> bool:
+        """Not named for the uid that made it (before that uid did, or not a uid at all)."""
+        return named_uid(self.name) != self.uid
+
+
+def look(path: Path, name: str, known: tuple[int, int] | None, limit: int) -> Seen | None:
+    """Look at spool file `name` and read up to `limit` bytes of it: from `known`'s
+    offset if it is still inode `known`'s, else from 0. None: it is gone."""
+    try:
+        st = os.lstat(path / name)
+        if stat.S_ISREG(st.st_mode):
+            if known == (st.st_ino, st.st_size):
+                return _seen(name, st, st.st_size)  # nothing new
+            if named_uid(name) != writer(name, st)[0]:
+                return _seen(name, st)  # nothing to read: it is to be removed
+            try:
+                fd = _open(path / name)
+            except PermissionError as e:
+                return _seen(name, st, problem=e.strerror or str(e))
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return _seen(name, st)
+                # Shorter than read so far: its owner truncated it; from 0 again.
+                same = known is not None and known[0] == st.st_ino and known[1] <= st.st_size
+                start = known[1] if known is not None and same else 0
+                data = os.pread(fd, limit, start) if start < st.st_size else b""
+                return _seen(name, st, start, data)
+            finally:
+                os.close(fd)
+        return _seen(name, st)
+    except OSError:
+        # Gone, or replaced by a link between lstat and open: whatever is there
+        # now is seen at its own notice.
+        return None
+
+
+def _seen(
+    name: str, st: os.stat_result, start: int = 0, data: bytes = b"", problem: str | None = None
+) -> Seen:
+    regular = stat.S_ISREG(st.st_mode)
+    uid, gid = writer(name, st)
+    return Seen(name, st.st_ino, uid, gid, st.st_size, regular, start, data, problem)
+
+
+def look_all(
+    path: Path, wanted: list[tuple[str, tuple[int, int] | None]], limit: int
+) -> list[tuple[str, Seen | None]]:
+    """`look` at several files in one go (one hand-off to a thread for them all)."""
+    return [(name, look(path, name, known, limit)) for name, known in wanted]
+
+
+def remove(path: Path) -> None:
+    """Remove what is at `path`, a hostile directory or FIFO included; gone is fine."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(path)
+        (os.rmdir if stat.S_ISDIR(st.st_mode) else os.unlink)(path)

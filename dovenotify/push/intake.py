@@ -1,8 +1,9 @@
-"""Events from Dovecot, to pushes: the event socket, the spool, and who is told.
+"""Events from Dovecot, to pushes: the event socket, each line (socket or spool), who is told.
 
 Each connection's sender is known by its uid (events/peers.py) and may send
 events for its own user only, unless it is root, Dovecot's mail uid or in
-event_peers; connections, lines and spool files are bounded. Each event is
+event_peers; connections and lines are bounded. The spool's lines (spooling.py)
+are handled here too, with the rights of each file's owner. Each event is
 matched to the user's registrations and handed to the dispatcher, which says
 which devices to push now; `Sending` takes them from there.
 """
@@ -10,7 +11,6 @@ which devices to push now; `Sending` takes them from there.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import logging
 import time
@@ -25,7 +25,7 @@ from dovenotify.core.usernames import UserKeys
 from dovenotify.events import spool
 from dovenotify.events.decoder import SPOOL_FULL, BadLine, Event, EventDecoder
 from dovenotify.events.dispatch import Dispatcher
-from dovenotify.events.peers import EventPolicy, Peer, PeerRule, Sender, peer_of
+from dovenotify.events.peers import EventPolicy, PeerRule, Sender, peer_of
 from dovenotify.push.sending import Sending
 from dovenotify.push.tally import LOGGED_BAD_LINES, Quiet, Tally
 from dovenotify.store.base import Store, StoreError, who
@@ -35,19 +35,6 @@ log = logging.getLogger("dovenotify")
 
 # How long a connection past its uid's share (event_connections_per_uid) is read.
 OVER_SHARE_SECONDS = 0.05
-
-
-# Distinct spooled lines remembered while draining, to handle each once.
-SPOOL_DISTINCT = 10000
-
-
-# How often the spool is checked for events the Lua driver could not send us
-# (e.g. while this process was stopped): one small directory listing.
-SPOOL_CHECK_INTERVAL = 2.0
-
-
-# Time for a writer that opened the spool just before a drain to finish its append.
-SPOOL_GRACE = 0.5
 
 
 @attrs.define
@@ -64,7 +51,8 @@ class Intake:
     )
     usernames: UserKeys = attrs.field(factory=UserKeys)
     event_policy: EventPolicy = attrs.field(factory=lambda: EventPolicy(PeerRule.parse(())))
-    _quiet: Quiet = attrs.field(factory=Quiet)
+    # Whose problems were logged lately (the spool's readers share it).
+    quiet: Quiet = attrs.field(factory=Quiet)
 
     async def serve_events(self, listener: trio.SocketListener) -> None:
         config = self.config
@@ -86,6 +74,8 @@ class Intake:
                     room.release()
                     continue
                 uid = sender.peer.uid
+                # It sent here for want of a spool file, most likely.
+                self.give_spool_file(uid)
                 share = config.event_connections_per_uid
                 if sender.any_user:
                     # Mail uids and root share the total.
@@ -112,6 +102,20 @@ class Intake:
                         nursery.start_soon(self._read_events, stream, sender, None, glimpsed)
                     else:
                         await stream.aclose()
+
+    def give_spool_file(self, uid: int) -> None:
+        """Make `uid` a spool file if it has none (a few system calls if it has)."""
+        try:
+            spool.provide(self.config.event_spool, uid)
+        except OSError as e:
+            if self.quiet.loud(uid):
+                log.warning(
+                    "cannot make uid %d a file in the event spool %s (%s): its events keep"
+                    " coming over the event socket, which costs each delivery more",
+                    uid,
+                    self.config.event_spool,
+                    e.strerror or e,
+                )
 
     def _event_sender(self, stream: trio.SocketStream) -> Sender | None:
         try:
@@ -141,7 +145,7 @@ class Intake:
         seconds = self.config.event_connection_seconds if room is not None else OVER_SHARE_SECONDS
         config = self.config
         decoder = EventDecoder(config.event_line_max)
-        tally = Tally(functools.partial(self._quiet.loud, sender.peer.uid))
+        tally = Tally(functools.partial(self.quiet.loud, sender.peer.uid))
         problem = None
         # Only the peer's time is bounded: handling a line (the store) is ours.
         deadline = trio.current_time() + seconds
@@ -157,12 +161,12 @@ class Intake:
                         break
                     if not data:
                         for item in decoder.close():
-                            await self._handle_item(item, sender, tally)
+                            await self.handle_item(item, sender, tally)
                         break
                     room_left = config.event_connection_lines - tally.lines
                     items = decoder.feed(data)
                     for item in items[:room_left]:
-                        await self._handle_item(item, sender, tally)
+                        await self.handle_item(item, sender, tally)
                     if len(items) > room_left:
                         problem = (
                             f"it sent more than {config.event_connection_lines} lines"
@@ -184,22 +188,30 @@ class Intake:
             )
         tally.report(sender)
 
-    async def _handle_item(
-        self, item: Event | BadLine, sender: Sender, tally: Tally, *, late: bool = False
+    async def handle_item(
+        self,
+        item: Event | BadLine,
+        sender: Sender,
+        tally: Tally,
+        *,
+        late: bool = False,
+        spooled: bool = False,
     ) -> None:
+        """One line from `sender`, on the event socket or (`spooled`) in its spool file."""
         tally.lines += 1
         if isinstance(item, BadLine):
             self.metrics.dropped(item)
             tally.bad += 1
             if tally.loud and tally.bad <= LOGGED_BAD_LINES:
-                where = "a spooled" if late else "an"
+                where = "a spooled" if spooled else "an"
                 log.warning("skipped %s event line: %s: %r", where, item.reason, item.excerpt)
             return
         if not sender.may_send_for(item.username, self.usernames.key):
             tally.refuse(item.username)
             return
         if item.name == SPOOL_FULL:
-            if late:
+            # Only the driver's own spool file can have been full.
+            if spooled:
                 await self.push_everyone(sender)
             return
         await self.handle_event(item, late=late)
@@ -243,82 +255,6 @@ class Intake:
             log.debug("push %s now: %s in %s", who(device), event.name, event.mailbox)
             self.sending.submit(device)
         self.sending.wake()
-
-    async def drain_spool(self) -> None:
-        """Push for the events the Lua driver spooled while it could not reach us."""
-        path = self.config.event_spool
-        old = spool.legacy(path)
-        if old.exists():
-            # An older dovenotify's single file, written as the mail uid.
-            anyone = Sender(Peer(0, 0, 0), True, None)
-            await self._drain_file(spool.Spooled(old, 0, 0, None), anyone)
-        problem = None
-        while True:
-            try:
-                found = await trio.to_thread.run_sync(spool.set_aside, path)
-                problem = None
-            except OSError as e:
-                found = []
-                if str(e) != problem:  # once, not every few seconds
-                    problem = str(e)
-                    log.warning("cannot drain the event spool %s: %s", path, e)
-            if found:
-                # A writer that opened a file just before it was renamed finishes
-                # its one append.
-                await trio.sleep(SPOOL_GRACE)
-            for spooled in found:
-                sender = self.event_policy.sender(Peer(0, spooled.uid, spooled.gid))
-                if spooled.squatted:
-                    # Another uid made the file first: its lines may be anyone's,
-                    # and the uid it is named for may have lost its own.
-                    named = Peer(0, spooled.named_uid or 0, spooled.gid)
-                    await self.push_everyone(self.event_policy.sender(named))
-                    await trio.to_thread.run_sync(spooled.path.unlink)
-                    continue
-                await self._drain_file(spooled, sender)
-            await trio.sleep(SPOOL_CHECK_INTERVAL)
-
-    async def _drain_file(self, spooled: spool.Spooled, sender: Sender) -> None:
-        decoder = EventDecoder(self.config.event_line_max)
-        tally = Tally()
-        # The driver stops at event_spool_size; a uid writing its file itself may
-        # not, and is read no further than the driver would have written.
-        budget = self.config.event_spool_size + self.config.event_line_max
-        # Lines repeat (a user's INBOX, delivery after delivery): each distinct one
-        # is handled once, remembering a bounded number of them.
-        seen: dict[Event | BadLine, None] = {}
-        try:
-            with contextlib.closing(spool.chunks(spooled.path)) as chunks:
-                while budget > 0 and (chunk := await trio.to_thread.run_sync(next, chunks, b"")):
-                    budget -= len(chunk)
-                    for item in decoder.feed(chunk):
-                        if item in seen:
-                            continue
-                        if len(seen) >= SPOOL_DISTINCT:
-                            seen.clear()
-                        seen[item] = None
-                        await self._handle_item(item, sender, tally, late=True)
-        except OSError as e:
-            log.warning("cannot read the spooled events in %s: %s", spooled.path, e)
-        with contextlib.suppress(OSError):
-            spooled.path.unlink()
-        if budget <= 0:
-            log.warning(
-                "the spool of %s is bigger than event_spool_size (%d bytes): the rest of it"
-                " is not read",
-                sender.describe(),
-                self.config.event_spool_size,
-            )
-            await self.push_everyone(sender)
-        else:
-            for item in decoder.close():
-                await self._handle_item(item, sender, tally, late=True)
-        log.info(
-            "%d event line(s) from the spool of %s, made while dovenotify was away",
-            tally.lines,
-            sender.describe(),
-        )
-        tally.report(sender)
 
 
 async def _receive(stream: trio.SocketStream) -> bytes:

@@ -162,12 +162,12 @@ SERVICE_USER = "nobody"
 
 
 def service_layout(
-    test_pki: Pki, standin_url: str, certificate: Path | None = None
+    test_pki: Pki, standin_url: str, certificate: Path | None = None, user: str = SERVICE_USER
 ) -> tuple[Path, dict[str, Any]]:
     """Directories as the install sets them up for a service user: the certificate's
     root:<service group> 0750, the state directory the service user's own. A
     `certificate` given is installed root:<service group> 0640."""
-    entry = pwd.getpwnam(SERVICE_USER)
+    entry = pwd.getpwnam(user)
     root = make_root("dovenotify-files-")
     etc, state = root / "etc", root / "state"
     etc.mkdir(mode=0o750)

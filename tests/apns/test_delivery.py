@@ -265,8 +265,10 @@ async def test_gives_up_at_retry_deadline_with_one_line(test_pki: Pki) -> None:
         await drained(stack)
         log = stack.service.log_text()
     # Backoffs of 0.5-1.5 s, 1-3 s, 2-6 s: the 2 s deadline is met after two to four
-    # attempts, and nothing is tried after giving up.
-    assert 2 <= tried == len(stack.standin.requests) <= 4
+    # attempts of the device's own; the outage's probes (APNs as a whole fails) go
+    # at their own pace and add up to two (seen: 5 in about 1 run of 4). Nothing is
+    # tried after giving up.
+    assert 2 <= tried == len(stack.standin.requests) <= 6
     assert log.count("gave up pushing") == 1
 
 

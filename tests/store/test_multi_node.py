@@ -41,6 +41,8 @@ async def test_register_on_one_node_push_from_the_other(test_pki, postgres_url):
             **a.settings,
             "event_socket": str(b_root / "run" / "events.sock"),
             "relay_socket": str(b_root / "run" / "relay.sock"),
+            # Each backend's Dovecot appends to its own node's spool.
+            "event_spool": str(b_root / "run" / "events.spool"),
         }
         snippet = dovecot_snippet(b_root, b_settings, a.dovecot.version)
         (b_root / "dovecot").mkdir(mode=0o755)

@@ -274,7 +274,7 @@ class Seen:
     regular: bool = True
     start: int = 0
     data: bytes = b""
-    # Why it could not be read (its mode, where no default ACL gives us a say).
+    # Why it could not be read (a file an older dovenotify's writer made 0600).
     problem: str | None = None
 
     @property

@@ -190,8 +190,8 @@ class SpoolReader:
             if step.problem is not None and self.intake.quiet.loud(spool.named_uid(name) or -1):
                 log.warning(
                     "cannot read the spool file %s (%s): its events are not pushed;"
-                    " without the spool directory's default ACL (a file system without"
-                    " ACLs?) only root can read what Dovecot's umask makes 0600",
+                    " an older dovenotify let its writer make it, and only root can read"
+                    " what Dovecot's umask makes 0600",
                     self.path / name,
                     step.problem,
                 )

@@ -106,6 +106,7 @@ async def serve(config: Config) -> None:
         )
     if problem:
         log.warning("%s", problem)
+        intake.spool_files = False
     try:
         # The sender's connection runs in its own nursery, closed after this one.
         async with sending.sender, trio.open_nursery() as nursery:

@@ -53,6 +53,9 @@ class Intake:
     event_policy: EventPolicy = attrs.field(factory=lambda: EventPolicy(PeerRule.parse(())))
     # Whose problems were logged lately (the spool's readers share it).
     quiet: Quiet = attrs.field(factory=Quiet)
+    # False where the spool cannot have files for mail uids (no ACLs, no directory):
+    # the service said so once at start.
+    spool_files: bool = True
 
     async def serve_events(self, listener: trio.SocketListener) -> None:
         config = self.config
@@ -105,6 +108,8 @@ class Intake:
 
     def give_spool_file(self, uid: int) -> None:
         """Make `uid` a spool file if it has none (a few system calls if it has)."""
+        if not self.spool_files:
+            return
         try:
             spool.provide(self.config.event_spool, uid)
         except OSError as e:

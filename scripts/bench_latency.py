@@ -87,9 +87,9 @@ async def measure(rate: float, seconds: float, database: str | None) -> None:
                 ):
                     await trio.sleep(0.01)
             sent_for = trio.current_time() - start
-            # The driver's own account of events it could not hand over in time.
+            # The driver's own account of events it could neither append nor send.
             not_sent = re.findall(
-                r"dovenotify: \d+ event\(s\) not sent to .*", stack.dovecot.log_text()
+                r"dovenotify: \d+ event\(s\) (?:not sent|lost): .*", stack.dovecot.log_text()
             )
             problems = [
                 line
@@ -131,7 +131,7 @@ async def measure(rate: float, seconds: float, database: str | None) -> None:
             ("LMTP DATA → reply, median", f"{statistics.median(durations) * 1000:.1f} ms", ""),
             ("deliveries never followed by a push", str(unpushed), "(0 expected)"),
             ("pushes / deliveries", f"{pushes_total / count:.2f}", "below 1: coalesced"),
-            ("events the Lua driver could not send (spooled)", str(len(not_sent)), ""),
+            ("events the Lua driver could not hand over", str(len(not_sent)), ""),
             ("service warnings and errors", str(len(problems)), ""),
         ],
     )

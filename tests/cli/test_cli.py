@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dovenotify.core import config
+from dovenotify.dovecot.files import DOVECOT_FILES
 from dovenotify.store.base import Registration
 from dovenotify.store.sqlite import SQLiteStore
 from tests.harness.service import dovenotify_command
@@ -128,9 +129,8 @@ def test_dovecot_config_install_points_at_installed_files(tmp_path, version):
         "--install",
         check=True,
     )
-    for name in ("dovenotify.lua", "dovenotify-driver.lua", "dovenotify-driver.luac"):
+    for name in (*DOVECOT_FILES, "dovenotify-driver.luac"):
         assert (files / name).stat().st_mode & 0o777 == 0o644
-    assert (files / "postlogin.py").stat().st_mode & 0o777 == 0o644
     assert f"{files}/dovenotify.lua" in result.stdout
     assert f"/usr/bin/python3 -I -S {files}/postlogin.py" in result.stdout
     assert "XAPPLEPUSHSERVICE" in result.stdout

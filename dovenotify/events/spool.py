@@ -22,6 +22,7 @@ handled as it is read, so memory does not grow with the file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pwd
 import stat
@@ -168,10 +169,16 @@ def writer(name: str, st: os.stat_result) -> tuple[int, int]:
     named = named_uid(name)
     if named is None or st.st_uid != os.geteuid():
         return st.st_uid, st.st_gid
+    return named, primary_gid(named)
+
+
+# Asked at every look at a file: the user database may be LDAP, not a local file.
+@functools.lru_cache(maxsize=4096)
+def primary_gid(uid: int) -> int:
     try:
-        return named, pwd.getpwuid(named).pw_gid
+        return pwd.getpwuid(uid).pw_gid
     except KeyError:
-        return named, -1
+        return -1
 
 
 def ours(name: str) -> bool:

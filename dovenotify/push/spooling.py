@@ -18,7 +18,6 @@ import functools
 import logging
 import math
 import os
-import pwd
 from pathlib import Path
 
 import attrs
@@ -208,11 +207,7 @@ class SpoolReader:
 
     def _named(self, uid: int) -> Sender:
         """Who a spool file's name says wrote it (its uid's own group, if it has one)."""
-        try:
-            gid = pwd.getpwuid(uid).pw_gid
-        except KeyError:
-            gid = -1
-        return self.intake.event_policy.sender(Peer(0, uid, gid))
+        return self.intake.event_policy.sender(Peer(0, uid, spool.primary_gid(uid)))
 
     def _life(self, uid: int, gid: int) -> _Life:
         sender = self.intake.event_policy.sender(Peer(0, uid, gid))

@@ -119,7 +119,8 @@ async def serve(config: Config) -> None:
             nursery.start_soon(sending.watch_expiry)
             nursery.start_soon(SpoolReader(intake).run)
             log.info(
-                "dovenotify is running: events on %s, relay %s, %s, APNs %s",
+                "dovenotify is running: events in %s and on %s, relay %s, %s, APNs %s",
+                config.event_spool,
                 config.event_socket,
                 f"on {config.relay_socket}" if the_relay else "left to `dovenotify relay`",
                 auth.describe(),

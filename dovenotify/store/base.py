@@ -94,6 +94,7 @@ def criteria(
     device_token: str | None,
     registered_before: float | None,
 ) -> tuple[str, Sequence[object]]:
+    """The WHERE clause of a removal, and its arguments; never an empty one."""
     parts: list[str] = []
     args: list[object] = []
     for column, value in (
@@ -105,4 +106,6 @@ def criteria(
         if value is not None:
             parts.append(column)
             args.append(value)
+    if not parts:
+        raise ValueError("refusing to remove every registration at once")
     return " AND ".join(parts), args

@@ -153,8 +153,6 @@ class SQLiteStore:
     ) -> list[Registration]:
         """Delete the registrations matching every given criterion; return them."""
         where, args = criteria(username, account_id, device_token, registered_before)
-        if not where:
-            raise ValueError("refusing to remove every registration at once")
         with self._using(), self._db:
             rows = self._db.execute(
                 f"SELECT {COLUMNS} FROM registrations WHERE {where}", args

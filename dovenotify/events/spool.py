@@ -95,6 +95,11 @@ def file_of(path: Path, uid: int) -> Path:
     return path / str(uid)
 
 
+def aside_path(path: Path, name: str) -> Path:
+    """Where spool file `name` is set aside to be read to its end."""
+    return path / (name + DRAINING)
+
+
 def provide(path: Path, uid: int) -> Path:
     """`uid`'s file in the spool, made if missing (see `fresh`)."""
     target = file_of(path, uid)
@@ -105,7 +110,7 @@ def provide(path: Path, uid: int) -> Path:
     else:
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
             return target
-        aside = path / f"{uid}{DRAINING}"
+        aside = aside_path(path, target.name)
         if stat.S_ISREG(st.st_mode) and not os.path.lexists(aside):
             # An older dovenotify's writer made it: read once, as what a crash left.
             os.rename(target, aside)
@@ -132,9 +137,11 @@ def fresh(path: Path, uid: int) -> Path:
 
 def appendable(path: Path, uid: int) -> bool:
     """Whether `uid` may append to the spool file at `path`, as `fresh` makes them."""
+    if uid == 0:
+        return True
     st = os.lstat(path)
-    if st.st_uid == uid or uid == 0:
-        return uid == 0 or bool(st.st_mode & stat.S_IWUSR)
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IWUSR)
     try:
         acl = os.getxattr(path, "system.posix_acl_access", follow_symlinks=False)
     except OSError:
@@ -148,7 +155,7 @@ def rotate(path: Path, uid: int) -> Path:
     """Put a fresh file in place of `uid`'s; return the old one, linked aside, to be
     read once more when writers that opened it just before are done."""
     target = file_of(path, uid)
-    aside = path / f"{uid}{DRAINING}"
+    aside = aside_path(path, target.name)
     aside.unlink(missing_ok=True)
     os.link(target, aside)
     os.replace(fresh(path, uid), target)
@@ -246,7 +253,7 @@ def move_aside(path: Path, name: str, st: os.stat_result | None = None) -> None:
     if uid is not None and st.st_uid == os.geteuid():
         rotate(path, uid)
     else:
-        os.rename(path / name, path / (name + DRAINING))
+        os.rename(path / name, aside_path(path, name))
 
 
 def _open(path: Path) -> int:

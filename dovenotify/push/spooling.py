@@ -154,9 +154,7 @@ class SpoolReader:
             return set()
         for name in found:
             base = name.removesuffix(spool.DRAINING)
-            if name.endswith(spool.NEW):
-                continue  # a file the service is making
-            if not self.tail.wanted(name) and base not in self.tail.draining:
+            if name != base and base not in self.tail.draining:
                 # Not set aside by this process: by one that crashed, or by an older
                 # dovenotify's writer. Its name is not set aside again while it is read.
                 self.tail.draining.add(base)
@@ -233,13 +231,12 @@ class SpoolReader:
             return
         nursery.start_soon(self._finish_rotation, tail, life)
 
-    def _aside(self, name: str) -> Path:
-        return self.path / (name + spool.DRAINING)
-
     async def _finish_rotation(self, tail: Tail, life: _Life) -> None:
         await trio.sleep(SPOOL_GRACE)
         where = (tail.offset, tail.ino)
-        await self._read_aside(self._aside(tail.name), life, tail.decoder, tail.budget, where)
+        await self._read_aside(
+            spool.aside_path(self.path, tail.name), life, tail.decoder, tail.budget, where
+        )
         self.tail.rotated(tail.name)
         self._end(life, tail)
 

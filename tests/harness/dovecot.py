@@ -27,6 +27,7 @@ import contextlib
 import functools
 import os
 import re
+import select
 import shutil
 import signal
 import smtplib
@@ -43,6 +44,7 @@ import attrs
 import pytest
 import trustme
 
+from dovenotify.core import inotify
 from dovenotify.dovecot.config import VERSIONS, installed_dovecot_version
 from dovenotify.events import spool
 from tests.harness import chroot
@@ -679,14 +681,20 @@ class SpoolSink:
 
     def wait_for(self, predicate: Callable[[SpoolSink], bool], timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        while True:
-            self.poll()
-            if predicate(self):
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out; lines so far: {self.lines!r}")
-            # Nothing tells a test that a file grew: look again soon.
-            time.sleep(0.002)
+        # Watching before each look: a write between the two still wakes us.
+        watch = inotify.Watch.open(self.path, inotify.IN_CLOSE_WRITE)
+        try:
+            while True:
+                self.poll()
+                if predicate(self):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out; lines so far: {self.lines!r}")
+                select.select([watch.fd], [], [], left)
+                watch.read()
+        finally:
+            watch.close()
 
     def wait_lines(self, count: int, timeout: float = 5.0) -> list[str]:
         self.wait_for(lambda sink: len(sink.lines) >= count, timeout)
